@@ -1,0 +1,456 @@
+"""The typed schema of a run: one pydantic section per concern.
+
+A recipe is YAML; ``key.path=value`` overrides are applied to the raw mapping
+before validation, so an override is checked exactly like the file. Every
+validation problem becomes one :class:`~gradwise.errors.ConfigError` line that
+names the field path, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gradwise.errors import ConfigError
+
+# Names shared with the registries in gradwise.optim; tests assert they agree.
+OptimizerName = Literal[
+    "gd", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw",
+    "adaptive", "nadam", "radam", "adamax", "adadelta", "adafactor", "muon",
+]
+ScheduleName = Literal[
+    "constant", "exponential", "step", "multistep", "linear", "cosine",
+    "polynomial", "wsd", "plateau", "onecycle",
+]
+DatasetName = Literal["digits", "wine", "breast_cancer", "diabetes", "linear", "file"]
+
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveFloat = Annotated[float, Field(gt=0.0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Which data, how it is split and scaled.
+
+    Bundled sets ship inside scikit-learn; ``linear`` is the synthetic
+    ``y = 2x + 1 + N(0, noise_std²)``; ``file`` reads CSV, Parquet, JSONL or NPZ.
+    """
+
+    name: DatasetName = "digits"
+    path: Path | None = None
+    format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
+    features: list[str] | None = None
+    target: str | None = None
+    val_fraction: Fraction = 0.15
+    test_fraction: Fraction = 0.15
+    standardize: bool = True
+    limit: PositiveInt | None = None
+    n_samples: PositiveInt = 200
+    noise_std: NonNegFloat = 0.1
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.name == "file" and self.path is None:
+            raise ValueError("data.path is required when data.name is 'file'")
+        if self.name != "file" and self.path is not None:
+            raise ValueError(f"data.path is only read when data.name is 'file' (got name {self.name!r})")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1 to leave training data")
+        return self
+
+
+class ModelConfig(Section):
+    """Architecture: a linear model, an MLP or a small CNN over image-shaped data."""
+
+    name: Literal["linear", "mlp", "cnn"] = "mlp"
+    hidden: list[PositiveInt] = [128, 64]
+    activation: Literal["relu", "gelu", "tanh", "silu", "leaky_relu"] = "relu"
+    dropout: Fraction = 0.0
+    norm: Literal["none", "batch", "layer"] = "none"
+    channels: list[PositiveInt] = [16, 32]
+    kernel_size: PositiveInt = 3
+
+
+class TaskConfig(Section):
+    """What is predicted and how it is scored; ``auto`` follows the data."""
+
+    kind: Literal["auto", "classification", "regression"] = "auto"
+    loss: Literal["auto", "cross_entropy", "mse", "mae", "huber"] = "auto"
+    label_smoothing: Fraction = 0.0
+    huber_delta: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskConfig:
+        if self.kind == "regression" and self.loss == "cross_entropy":
+            raise ValueError("task.loss 'cross_entropy' needs task.kind 'classification'")
+        if self.kind == "classification" and self.loss in ("mse", "mae", "huber"):
+            raise ValueError(f"task.loss {self.loss!r} needs task.kind 'regression'")
+        return self
+
+
+class OptimConfig(Section):
+    """The optimizer by name and its hyperparameters.
+
+    ``lr_multipliers`` maps glob patterns over parameter names (``head.*``) to a
+    factor on ``lr``; ``extra`` passes further keyword arguments to the
+    torch.optim class. Weight decay lives in ``regularize``.
+    """
+
+    name: OptimizerName = "adam"
+    lr: PositiveFloat = 1e-3
+    momentum: Fraction = 0.9
+    momentum_form: Literal["classic", "ema"] = "classic"
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+    alpha: Fraction = 0.99
+    adaptive_beta: NonNegFloat = 1.0
+    lr_multipliers: dict[str, NonNegFloat] = {}
+    no_decay_bias_norm: bool = True
+    extra: dict[str, Any] = {}
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule as a multiplier on ``optim.lr`` per optimizer step.
+
+    ``warmup_steps`` puts a linear warmup in front of any schedule.
+    """
+
+    name: ScheduleName = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    step_size: PositiveInt | None = None
+    milestones: list[PositiveInt] = []
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    power: PositiveFloat = 1.0
+    decay_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.2
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 5
+    threshold: NonNegFloat = 1e-4
+    cooldown: Annotated[int, Field(ge=0)] = 0
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    div_factor: PositiveFloat = 25.0
+    final_div_factor: PositiveFloat = 1e4
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        if self.name == "exponential" and self.gamma is None:
+            raise ValueError("schedule.gamma is required for 'exponential' (the per-step factor, e.g. 0.999)")
+        if self.name == "step" and self.step_size is None:
+            raise ValueError("schedule.step_size is required for 'step' (optimizer steps between decays)")
+        if self.name == "multistep" and not self.milestones:
+            raise ValueError("schedule.milestones is required for 'multistep' (a list of optimizer steps)")
+        if self.milestones != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones must be increasing, got {self.milestones}")
+        return self
+
+
+class BatchRamp(Section):
+    """Linear batch-size ramp from ``start`` up to ``batch.size`` over ``steps`` optimizer steps."""
+
+    start: PositiveInt
+    steps: PositiveInt
+
+
+class BatchConfig(Section):
+    """Examples per optimizer step and how they get there.
+
+    ``size`` is the effective batch per optimizer step (``full`` = the whole
+    training set) and the batch ``optim.lr`` is tuned for; ``accumulate`` splits
+    it into that many micro-batches without changing the optimization. A
+    ``ramp`` or ``at_epochs`` makes the batch size change during training, and
+    ``lr_scaling`` rescales the LR by (b / size) or its square root when it does.
+    """
+
+    size: PositiveInt | Literal["full"] = 32
+    accumulate: PositiveInt = 1
+    ramp: BatchRamp | None = None
+    at_epochs: dict[Annotated[int, Field(ge=0)], PositiveInt] | None = None
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> BatchConfig:
+        if self.ramp is not None and self.at_epochs is not None:
+            raise ValueError("batch.ramp and batch.at_epochs cannot both be set; pick one batch-size schedule")
+        if self.size == "full" and (self.ramp is not None or self.at_epochs is not None):
+            raise ValueError("batch.size 'full' cannot be combined with a batch-size schedule")
+        return self
+
+
+class RegularizeConfig(Section):
+    """Penalties and gradient clipping.
+
+    ``l1``/``l2`` are added to the loss (``l2`` as (λ/2)·‖w‖², coupled with the
+    gradient); ``weight_decay`` is decoupled (Loshchilov & Hutter 2019):
+    θ ← θ − η·λ·θ beside the optimizer update. Biases and norm weights are
+    exempt when ``optim.no_decay_bias_norm`` is true.
+    """
+
+    l1: NonNegFloat = 0.0
+    l2: NonNegFloat = 0.0
+    weight_decay: NonNegFloat = 0.0
+    clip_grad_norm: PositiveFloat | None = None
+
+
+class NoiseConfig(Section):
+    """Annealed Gaussian gradient noise, variance eta / (1 + t)^gamma (Neelakantan et al. 2015)."""
+
+    eta: NonNegFloat = 0.0
+    gamma: NonNegFloat = 0.55
+
+
+class StopConfig(Section):
+    """When training ends: a budget of epochs/steps and optional early stopping.
+
+    ``monitor`` is a logged evaluation metric such as ``val_loss`` or
+    ``val_accuracy``; ``mode`` ``auto`` minimises losses and errors and maximises
+    the rest. Early stopping is on when ``patience`` is set.
+    """
+
+    epochs: PositiveInt | None = 10
+    max_steps: PositiveInt | None = None
+    monitor: str = "val_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    patience: Annotated[int, Field(ge=0)] | None = None
+    min_delta: NonNegFloat = 0.0
+    restore_best: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> StopConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set stop.epochs or stop.max_steps so training has an end")
+        return self
+
+    @property
+    def resolved_mode(self) -> Literal["min", "max"]:
+        if self.mode != "auto":
+            return self.mode
+        lowered = self.monitor.lower()
+        return "min" if any(k in lowered for k in ("loss", "mse", "mae", "error", "perplexity")) else "max"
+
+
+class EvalConfig(Section):
+    """How often the validation split is evaluated (None = at the end of every epoch)."""
+
+    every_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 1024
+
+
+class CheckpointConfig(Section):
+    """Checkpoints: ``last`` at every evaluation (or every N steps), ``best`` by ``stop.monitor``."""
+
+    every_steps: PositiveInt | None = None
+    keep_best: bool = True
+
+
+class LogConfig(Section):
+    """Console progress and the plots written at the end of a run."""
+
+    progress: bool = True
+    plots: bool = True
+
+
+class RunConfig(Section):
+    """A whole run. ``variants`` trains the same recipe once per named set of overrides."""
+
+    name: str | None = None
+    description: str = ""
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deterministic: bool = False
+    out_dir: Path = Path("runs")
+    resume: Path | None = None
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    batch: BatchConfig = BatchConfig()
+    regularize: RegularizeConfig = RegularizeConfig()
+    noise: NoiseConfig = NoiseConfig()
+    stop: StopConfig = StopConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    variants: dict[str, dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.optim.name == "gd" and self.batch.size != "full":
+            raise ValueError(
+                f"optim.name 'gd' is full-batch gradient descent; set batch.size=full (got {self.batch.size})"
+            )
+        if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
+            raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value as YAML ('0.1' → float, '[16, 32]' → list, 'none' → None)."""
+    if text.strip().lower() in ("none", "null", "~"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" as a string; users mean a number.
+        try:
+            return float(value) if not math.isnan(float(value)) else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.path=value`` applied (YAML-typed values)."""
+    result: dict[str, Any] = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        path, _, text = item.partition("=")
+        set_path(result, path.strip(), _parse_scalar(text))
+    return result
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``path`` 'a.b.c', creating sections as needed."""
+    keys = path.split(".")
+    if not all(keys):
+        raise ConfigError(f"override {path!r}: empty key in the path")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {path}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a recipe file into a mapping; a missing or malformed file is a ConfigError."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"recipe {path}{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping into a RunConfig, or raise one ConfigError line."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_error(exc)}") from None
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a recipe, apply overrides and validate it."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate(raw, source=str(path))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (enough to reproduce the run)."""
+    data = cfg.model_dump(mode="json", exclude={"resume"})
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- messages
+
+_HINTS = {
+    "optim.weight_decay": "weight decay lives in regularize.weight_decay (decoupled) or regularize.l2 (coupled)",
+    "epochs": "the training budget lives in stop.epochs / stop.max_steps",
+    "lr": "the learning rate lives in optim.lr",
+    "batch_size": "the batch size lives in batch.size",
+}
+
+
+def describe_error(exc: ValidationError) -> str:
+    """Turn the first pydantic error into one line: path, value given, what is allowed."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = _field_path(err["loc"])
+    path = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+        hint = _HINTS.get(path) or _HINTS.get(loc[-1])
+        tail = f" ({hint})" if hint else ""
+        return f"{path}: unknown key; allowed keys: {allowed}{tail}"
+    if kind == "value_error":
+        return str(err.get("msg", "")).removeprefix("Value error, ")
+    # A union (e.g. an integer or 'full') fails once per member: list them all.
+    same = [e for e in errors if _field_path(e["loc"]) == loc]
+    allowed = " or ".join(dict.fromkeys(_allowed(e) for e in same))
+    return f"{path}: got {given!r}; expected {allowed}"
+
+
+def _field_path(loc: tuple[Any, ...]) -> list[str]:
+    # pydantic adds union-member tags such as 'constrained-int' or "literal['full']".
+    return [str(p) for p in loc if not re.search(r"[-\[(]", str(p)) and str(p) not in ("int", "float", "str")]
+
+
+def _allowed(err: Any) -> str:
+    if err["type"] == "literal_error":
+        return "one of " + str(err.get("ctx", {}).get("expected", ""))
+    return str(err["msg"]).lower().removeprefix("input should be ").removeprefix("value error, ")
+
+
+def _section_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for key in loc:
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *get_args(ann)]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    return model
