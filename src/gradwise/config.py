@@ -218,13 +218,15 @@ class StopConfig(Section):
     """When training ends: a budget of epochs/steps and optional early stopping.
 
     ``monitor`` is a logged evaluation metric such as ``val_loss`` or
-    ``val_accuracy``; ``mode`` ``auto`` minimises losses and errors and maximises
-    the rest. Early stopping is on when ``patience`` is set.
+    ``val_accuracy`` (``auto``: accuracy for classification, loss for
+    regression); ``mode`` ``auto`` minimises losses and errors and maximises
+    the rest. Early stopping is on when ``patience`` is set; the best
+    checkpoint is chosen by the same metric.
     """
 
     epochs: PositiveInt | None = 10
     max_steps: PositiveInt | None = None
-    monitor: str = "val_loss"
+    monitor: str = "auto"
     mode: Literal["auto", "min", "max"] = "auto"
     patience: Annotated[int, Field(ge=0)] | None = None
     min_delta: NonNegFloat = 0.0
@@ -236,12 +238,14 @@ class StopConfig(Section):
             raise ValueError("set stop.epochs or stop.max_steps so training has an end")
         return self
 
-    @property
-    def resolved_mode(self) -> Literal["min", "max"]:
-        if self.mode != "auto":
-            return self.mode
-        lowered = self.monitor.lower()
-        return "min" if any(k in lowered for k in ("loss", "mse", "mae", "error", "perplexity")) else "max"
+
+
+def monitor_mode(monitor: str, mode: Literal["auto", "min", "max"]) -> Literal["min", "max"]:
+    """Whether a smaller or a larger ``monitor`` value is better."""
+    if mode != "auto":
+        return mode
+    lowered = monitor.lower()
+    return "min" if any(k in lowered for k in ("loss", "mse", "mae", "error", "perplexity")) else "max"
 
 
 class EvalConfig(Section):
@@ -323,7 +327,7 @@ def _parse_scalar(text: str) -> Any:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``key.path=value`` applied (YAML-typed values)."""
-    result: dict[str, Any] = _deep_copy(raw)
+    result: dict[str, Any] = deep_copy(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
@@ -348,11 +352,11 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _deep_copy(raw: Any) -> Any:
+def deep_copy(raw: Any) -> Any:
     if isinstance(raw, dict):
-        return {k: _deep_copy(v) for k, v in raw.items()}
+        return {k: deep_copy(v) for k, v in raw.items()}
     if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
+        return [deep_copy(v) for v in raw]
     return raw
 
 

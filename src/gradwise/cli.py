@@ -1,0 +1,186 @@
+"""The ``gradwise`` command: train, resume, eval, recipes, optimizers.
+
+A user's mistake (a bad key, a missing file, a corrupt checkpoint) prints one
+line on stderr and exits with status 2; Ctrl-C during training checkpoints
+and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradwise.errors import GradwiseError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_TRAIN_HELP = """Train a recipe into runs/<name>-<timestamp>/ (or runs/<name>/ when name= is given).
+
+RECIPE is a YAML file or the name of a bundled recipe (see `gradwise recipes`).
+Any config field can be overridden as key.path=value; resume=RUN_DIR continues
+an interrupted run with the same config.
+
+examples:
+  gradwise train digits-cnn
+  gradwise train my.yaml optim.name=adamw optim.lr=3e-3 schedule.name=cosine schedule.warmup_steps=50
+  gradwise train my.yaml batch.size=full optim.name=gd stop.epochs=200
+  gradwise train my.yaml resume=runs/my-20261125-120000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradwise",
+        description="Train, compare and measure PyTorch training strategies; every strategy is a YAML switch.",
+        epilog="example: gradwise train digits-cnn   (then open runs/digits-cnn-*/plots/)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser("train", help="train a recipe", description=_TRAIN_HELP, formatter_class=fmt)
+    train.add_argument("recipe", help="recipe YAML file or bundled recipe name")
+    train.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+
+    resume = sub.add_parser(
+        "resume", help="continue an interrupted run", formatter_class=fmt,
+        description="Continue RUN_DIR from its last checkpoint with its saved config; bit-exact on CPU.\n\n"
+        "example:\n  gradwise resume runs/digits-cnn-20261125-120000\n"
+        "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer",
+    )
+    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="only stop.* and log.* may differ from the saved config")
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a run's checkpoint", formatter_class=fmt,
+        description="Evaluate a run's best (or last) checkpoint on its test (or val) split and print the metrics.\n\n"
+        "example:\n  gradwise eval runs/digits-cnn-20261125-120000 --split test",
+    )
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test")
+    ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+
+    rec = sub.add_parser(
+        "recipes", help="list or copy the bundled recipes", formatter_class=fmt,
+        description="List the bundled recipes (name, then description), or copy one to edit.\n\n"
+        "examples:\n  gradwise recipes\n  gradwise recipes copy digits-mlp my-digits.yaml",
+    )
+    rec.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    rec.add_argument("name", nargs="?", help="recipe to copy")
+    rec.add_argument("dest", nargs="?", type=Path, help="file or directory to copy it to")
+
+    sub.add_parser(
+        "optimizers", help="list the optimizers optim.name accepts", formatter_class=fmt,
+        description="List every optimizer name with a one-line description.\n\nexample:\n  gradwise optimizers",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except GradwiseError as exc:
+        print(f"gradwise {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"gradwise {args.command}: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _train(args: argparse.Namespace) -> int:
+    from gradwise.config import apply_overrides, read_yaml, validate
+    from gradwise.experiments.recipes import find_recipe
+    from gradwise.experiments.rundir import check_resumable, new_run_dir
+    from gradwise.experiments.variants import run_variants
+    from gradwise.train.loop import fit
+
+    recipe = find_recipe(args.recipe)
+    raw = apply_overrides(read_yaml(recipe), args.overrides)
+    cfg = validate(raw, source=str(recipe))
+    if cfg.variants:
+        parent = run_variants(raw, cfg, str(recipe), recipe.stem)
+        print(f"compared {len(cfg.variants)} variants: {parent}/comparison.md")
+        print((parent / "comparison.md").read_text(), end="")
+        return 0
+    if cfg.resume is not None:
+        run_dir = cfg.resume
+        check_resumable(run_dir, cfg)
+        summary = fit(cfg, run_dir, resume=True)
+    else:
+        run_dir = new_run_dir(cfg, recipe.stem)
+        summary = fit(cfg, run_dir)
+    return _report_run(run_dir, summary)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from gradwise.config import apply_overrides, read_yaml, validate
+    from gradwise.experiments.rundir import CONFIG_FILE, check_resumable
+    from gradwise.train.loop import fit
+
+    saved = args.run_dir / CONFIG_FILE
+    cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
+    check_resumable(args.run_dir, cfg)
+    return _report_run(args.run_dir, fit(cfg, args.run_dir, resume=True))
+
+
+def _report_run(run_dir: Path, summary: dict[str, Any]) -> int:
+    print(f"run: {run_dir}  ({summary['status']}: {summary['stop_reason']})")
+    if summary["status"] == "interrupted":
+        print(f"resume with: gradwise resume {run_dir}")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gradwise.experiments.evaluation import evaluate_run
+
+    result = evaluate_run(args.run_dir, checkpoint=args.checkpoint, split=args.split)
+    if args.json:
+        print(json.dumps(result.metrics))
+        return 0
+    print(f"{args.run_dir}  checkpoint={args.checkpoint}  split={args.split}")
+    for key, value in result.metrics.items():
+        print(f"  {key:<24} {value:.6g}")
+    if result.confusion is not None:
+        print("  confusion matrix (rows = true class):")
+        for row in result.confusion:
+            print("   " + " ".join(f"{v:4d}" for v in row))
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from gradwise.errors import ConfigError
+    from gradwise.experiments.recipes import copy_recipe, list_recipes
+
+    if args.action == "copy":
+        if not args.name or not args.dest:
+            raise ConfigError("recipes copy: usage: gradwise recipes copy NAME DEST")
+        print(copy_recipe(args.name, args.dest))
+        return 0
+    recipes = list_recipes()
+    width = max(len(r.name) for r in recipes)
+    for recipe in recipes:
+        print(f"{recipe.name:<{width}}  {recipe.description}")
+    return 0
+
+
+def _optimizers(args: argparse.Namespace) -> int:
+    from gradwise.optim import list_optimizers
+
+    specs = list_optimizers()
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.description}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "resume": _resume, "eval": _eval, "recipes": _recipes, "optimizers": _optimizers}

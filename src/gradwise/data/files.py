@@ -1,0 +1,225 @@
+"""A user's file as numeric features and a clean target column.
+
+``data.features`` names the feature columns (None: every column except
+``data.target``). A feature must hold finite numbers in every row; the target
+may hold numbers, strings or booleans but no empty cells. In an NPZ archive a
+2-D array used as a feature contributes all its columns (named ``key[j]``); a
+3-D ``(N, H, W)`` or 4-D ``(N, C, H, W)`` array that is the only feature is an
+image, flattened, and its shape is kept for the CNN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradwise.config import DataConfig
+from gradwise.data.readers import Table, detect_format, read_table
+from gradwise.data.types import RawData
+from gradwise.errors import ConfigError, DataError
+
+_MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none", "#n/a"})
+
+
+def load_file(cfg: DataConfig) -> RawData:
+    """Read ``cfg.path`` and pick its features and target (first ``cfg.limit`` rows if set).
+
+    Raises:
+        DataError: the file, a column or a value is unusable; the message names the file, column and row.
+        ConfigError: ``data.features`` contradicts itself (repeats a name or includes the target).
+    """
+    if cfg.path is None:  # the config validator already demands it; this keeps the type checker honest
+        raise ConfigError("data.path is required when data.name is 'file'")
+    table = read_table(cfg.path, detect_format(cfg.path, cfg.format))
+    source = table.source
+    target = _target_name(cfg, table)
+    features = _feature_names(cfg, table, target)
+    n_rows = _common_length(table, [*features, target])
+    if n_rows == 0:
+        raise DataError(f"{source}: has columns but no rows")
+    keep = n_rows if cfg.limit is None else min(cfg.limit, n_rows)
+    hint = "" if cfg.features is not None else " (set data.features to choose numeric columns)"
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for feature in features:
+        block, block_names = feature_block(table.columns[feature][:keep], feature, source, table.locate, hint)
+        blocks.append(block)
+        names.extend(block_names)
+    return RawData(
+        x=np.concatenate(blocks, axis=1),
+        y=clean_target(table.columns[target][:keep], target, source, table.locate),
+        feature_names=names,
+        target_name=target,
+        source=source,
+        name=cfg.path.name,
+        image_shape=_image_shape(table, features),
+        locate=table.locate,
+    )
+
+
+def feature_block(
+    values: np.ndarray, name: str, source: str, locate: Callable[[int], str], hint: str = ""
+) -> tuple[np.ndarray, list[str]]:
+    """One feature column (or NPZ array) as a float64 ``(N, k)`` block and its ``k`` column names."""
+    if values.ndim == 1:
+        return to_numbers(values, name, source, locate, hint)[:, None], [name]
+    flat = values.reshape(values.shape[0], -1)
+    names = [f"{name}[{j}]" for j in range(flat.shape[1])]
+    if flat.dtype.kind in "biuf":  # the common case (an NPZ matrix), checked in one pass
+        block = flat.astype(np.float64)
+        bad = np.argwhere(~np.isfinite(block))
+        if bad.size:
+            i, j = (int(k) for k in bad[0])
+            raise DataError(f"{source}: column {names[j]!r} {locate(i)}: {_describe_bad(flat[i, j])}{hint}")
+        return block, names
+    columns = [to_numbers(flat[:, j], names[j], source, locate, hint) for j in range(flat.shape[1])]
+    return np.stack(columns, axis=1), names
+
+
+def to_numbers(
+    values: np.ndarray, column: str, source: str, locate: Callable[[int], str], hint: str = ""
+) -> np.ndarray:
+    """A 1-D column as finite float64, or a DataError naming the first bad row and its value."""
+    kind = values.dtype.kind
+    if kind in "biuf":
+        numbers = values.astype(np.float64)
+    elif kind in "OUS":
+        numbers = _parse_numbers(values)
+    else:
+        raise DataError(f"{source}: column {column!r} holds {values.dtype} values, not numbers{hint}")
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{source}: column {column!r} {locate(i)}: {_describe_bad(values[i])}{hint}")
+    return numbers
+
+
+def clean_target(values: np.ndarray, column: str, source: str, locate: Callable[[int], str]) -> np.ndarray:
+    """The target column, one value per row with none missing; strings are stripped of spaces."""
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        shape = tuple(values.shape)
+        raise DataError(f"{source}: target {column!r} has shape {shape}; expected one value per row")
+    kind = values.dtype.kind
+    if kind in "biuf":
+        bad = np.flatnonzero(~np.isfinite(values.astype(np.float64)))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{source}: column {column!r} {locate(i)}: {_describe_bad(values[i])} in the target")
+        return values
+    if kind not in "OUS":
+        raise DataError(f"{source}: target {column!r} holds {values.dtype} values; expected labels or numbers")
+    cleaned = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(value, str):
+            value = value.strip()
+        if _is_missing(value):
+            raise DataError(f"{source}: column {column!r} {locate(i)}: {_describe_bad(value)} in the target")
+        if isinstance(value, (list, dict)):
+            raise DataError(f"{source}: column {column!r} {locate(i)}: {_show(value)} is not a label or a number")
+        cleaned[i] = value
+    return cleaned
+
+
+def available(names: list[str], limit: int = 30) -> str:
+    """Names for an error message, shortened when there are many."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, … ({len(names)} in all)"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _target_name(cfg: DataConfig, table: Table) -> str:
+    names = list(table.columns)
+    if cfg.target is None:
+        raise DataError(f"{table.source}: data.target is required for data.name 'file'; columns: {available(names)}")
+    if cfg.target not in table.columns:
+        raise DataError(
+            f"{table.source}: no column {cfg.target!r} (data.target); available columns: {available(names)}"
+        )
+    return cfg.target
+
+
+def _feature_names(cfg: DataConfig, table: Table, target: str) -> list[str]:
+    if cfg.features is None:
+        features = [name for name in table.columns if name != target]
+        if not features:
+            raise DataError(f"{table.source}: no columns besides the target {target!r} to use as features")
+        return features
+    if not cfg.features:
+        raise ConfigError("data.features is empty; name at least one column (or leave it unset for all)")
+    repeated = sorted({name for name in cfg.features if cfg.features.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"data.features: {repeated[0]!r} is listed more than once")
+    if target in cfg.features:
+        raise ConfigError(f"data.features includes the target column {target!r} (data.target)")
+    for name in cfg.features:
+        if name not in table.columns:
+            raise DataError(
+                f"{table.source}: no column {name!r} (data.features); available columns: {available(list(table.columns))}"
+            )
+    return list(cfg.features)
+
+
+def _common_length(table: Table, names: list[str]) -> int:
+    lengths = {name: int(table.columns[name].shape[0]) for name in names}
+    first = names[-1]  # the target
+    for name, length in lengths.items():
+        if length != lengths[first]:
+            raise DataError(f"{table.source}: {name!r} has {length} rows but {first!r} has {lengths[first]}")
+    return lengths[first]
+
+
+def _image_shape(table: Table, features: list[str]) -> tuple[int, int, int] | None:
+    if len(features) != 1:
+        return None
+    shape = table.columns[features[0]].shape[1:]
+    if len(shape) == 2:
+        return (1, int(shape[0]), int(shape[1]))
+    if len(shape) == 3:
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+    return None
+
+
+def _parse_numbers(values: np.ndarray) -> np.ndarray:
+    """Parse text or JSON values as numbers (JSON true/false as 1/0); anything else becomes NaN."""
+    texts = np.empty(len(values), dtype=object)
+    texts[:] = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in values.tolist()]
+    numbers = np.full(len(values), np.nan)
+    flags = np.array([isinstance(v, bool) for v in texts], dtype=bool)
+    numbers[flags] = texts[flags].astype(np.float64)
+    plain = np.array([isinstance(v, str | int | float) and not isinstance(v, bool) for v in texts], dtype=bool)
+    if plain.any():
+        numbers[plain] = pd.to_numeric(pd.Series(texts[plain], dtype=object), errors="coerce").to_numpy(np.float64)
+    return numbers
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in _MISSING_TOKENS
+
+
+def _describe_bad(value: Any) -> str:
+    if isinstance(value, str) and not value.strip():
+        return "empty cell"
+    if _is_missing(value) or (isinstance(value, np.floating) and np.isnan(value)):
+        return f"missing value ({_show(value)})"
+    parsed = pd.to_numeric(pd.Series([value], dtype=object), errors="coerce").iloc[0] if isinstance(value, str) else value
+    if isinstance(parsed, (int, float, np.number)) and not np.isnan(parsed):
+        return f"{_show(value)} is not a finite number"
+    return f"{_show(value)} is not a number"
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,237 @@
+"""Reading a user's file (CSV, JSONL, Parquet, NPZ) into named columns, safely.
+
+Every failure is one :class:`~gradwise.errors.DataError` line that names the
+file; nothing from a user's file is ever unpickled (NPZ is read with
+``allow_pickle=False``). Rows are reported the way a user finds them in each
+format: ``row R (line L)`` for CSV and JSONL (R counts data rows from 1, L is
+the line in the file), ``row R`` for Parquet, ``index i`` (0-based, as numpy
+counts) for NPZ.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import json
+import lzma
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from gradwise.errors import DataError
+
+FORMATS: tuple[str, ...] = ("csv", "parquet", "jsonl", "npz")
+_SUFFIX_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".npz": "npz",
+}
+_OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A file's columns by name, each an array whose first axis is the row.
+
+    Attributes:
+        source: The file path as the user wrote it (starts every error message).
+        columns: Column name → array; CSV and JSONL give object arrays of strings/JSON values,
+            Parquet and NPZ keep their dtypes (an NPZ array may be 2-D or more).
+        locate: Row index (0-based) → where the user finds that row in this file.
+    """
+
+    source: str
+    columns: dict[str, np.ndarray]
+    locate: Callable[[int], str]
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    """The file format: ``fmt`` itself, or guessed from the suffix when ``fmt`` is ``auto``.
+
+    A compression suffix (``.gz``, ``.bz2``, ``.xz``) is looked through: ``x.csv.gz`` is CSV.
+    """
+    if fmt != "auto":
+        return fmt
+    suffix = _base_suffix(path)
+    if suffix not in _SUFFIX_FORMATS:
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix {suffix or '(none)'!r}; "
+            f"set data.format to one of {', '.join(FORMATS)}"
+        )
+    return _SUFFIX_FORMATS[suffix]
+
+
+def read_table(path: Path, fmt: str) -> Table:
+    """Read ``path`` as ``fmt`` (see :data:`FORMATS`) into a :class:`Table`."""
+    source = str(path)
+    if not path.exists():
+        raise DataError(f"{source}: file not found")
+    if path.is_dir():
+        raise DataError(f"{source}: is a directory, not a data file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{source}: file is empty")
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "npz": _read_npz}
+    if fmt not in readers:
+        raise DataError(f"{source}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    try:
+        table = readers[fmt](path, source)
+    except UnicodeDecodeError:
+        raise DataError(f"{source}: not UTF-8 text (is data.format {fmt!r} right?)") from None
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise DataError(f"{source}: cannot read as {fmt} ({first_line(exc)})") from None
+    if not table.columns:
+        raise DataError(f"{source}: no columns")
+    return table
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened: enough to see what a library disliked."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _read_csv(path: Path, source: str) -> Table:
+    delimiter = "\t" if _base_suffix(path) == ".tsv" else ","
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    with _open_text(path) as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        last_line = 0  # csv counts lines itself, which stays right across quoted newlines
+        try:
+            for record in reader:
+                start, last_line = last_line + 1, reader.line_num
+                if not record or all(not field.strip() for field in record):
+                    continue
+                if header is None:
+                    header = _column_names(record, source)
+                    continue
+                if len(record) != len(header):
+                    raise DataError(f"{source}: line {start}: {len(record)} fields, but the header has {len(header)}")
+                rows.append(record)
+                lines.append(start)
+        except csv.Error as exc:
+            raise DataError(f"{source}: line {reader.line_num}: cannot parse as CSV ({exc})") from None
+    if header is None:
+        raise DataError(f"{source}: file is empty")
+    if not rows:
+        raise DataError(f"{source}: has a header but no rows")
+    columns = {name: np.array([row[j] for row in rows], dtype=object) for j, name in enumerate(header)}
+    return Table(source, columns, lambda i: f"row {i + 1} (line {lines[i]})")
+
+
+def _read_jsonl(path: Path, source: str) -> Table:
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    with _open_text(path) as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{source}: line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                kind = type(record).__name__
+                raise DataError(f"{source}: line {number}: expected one JSON object per line, got a {kind}")
+            records.append(record)
+            lines.append(number)
+    if not records:
+        raise DataError(f"{source}: file is empty")
+    names = list(dict.fromkeys(key for record in records for key in record))
+    columns = {name: _object_array([record.get(name) for record in records]) for name in names}
+    return Table(source, columns, lambda i: f"row {i + 1} (line {lines[i]})")
+
+
+def _read_parquet(path: Path, source: str) -> Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        columns = {name: table.column(i).to_numpy(zero_copy_only=False) for i, name in enumerate(table.column_names)}
+    except (pa.ArrowException, ValueError) as exc:
+        raise DataError(f"{source}: not a readable Parquet file ({first_line(exc)})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{source}: has columns but no rows")
+    if len(columns) != table.num_columns:
+        raise DataError(f"{source}: column names repeat; each column needs its own name")
+    return Table(source, columns, lambda i: f"row {i + 1}")
+
+
+def _read_npz(path: Path, source: str) -> Table:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{source}: not a readable NPZ archive ({first_line(exc)})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{source}: holds a single array, not an NPZ archive of named arrays (use np.savez)")
+    columns: dict[str, np.ndarray] = {}
+    with archive:
+        for key in archive.files:
+            try:
+                array = archive[key]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise DataError(
+                        f"{source}: array {key!r} holds Python objects, which gradwise never unpickles; "
+                        "save it as a numeric or string array"
+                    ) from None
+                raise DataError(f"{source}: array {key!r} is unreadable ({first_line(exc)})") from None
+            except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
+                raise DataError(f"{source}: array {key!r} is unreadable ({first_line(exc)})") from None
+            if array.ndim == 0:
+                raise DataError(f"{source}: array {key!r} is a single value, not a column (one entry per row)")
+            columns[key] = array
+    if not columns:
+        raise DataError(f"{source}: the NPZ archive holds no arrays")
+    return Table(source, columns, lambda i: f"index {i}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _OPENERS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path) -> IO[str]:
+    # utf-8-sig drops the byte-order mark spreadsheet programs put in front of CSV exports.
+    opener = _OPENERS.get(path.suffix.lower())
+    if opener is not None:
+        return opener(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _column_names(header: list[str], source: str) -> list[str]:
+    # An unnamed column is usually a pandas index written by to_csv(); give it pandas' own name.
+    names = [name.strip() or f"Unnamed: {j}" for j, name in enumerate(header)]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DataError(f"{source}: column {name!r} appears twice in the header")
+        seen.add(name)
+    return names
+
+
+def _object_array(values: list[Any]) -> np.ndarray:
+    # np.array would turn a list of equal-length lists into a 2-D array; keep one object per row.
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array

@@ -1,0 +1,102 @@
+"""The shapes data takes on its way to the loop: raw columns, then tensors in splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+TaskKind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model and a task need to know about a dataset.
+
+    Attributes:
+        kind: Whether the target is a class or a number.
+        n_features: Width of ``Split.x``.
+        image_shape: ``(C, H, W)`` when the flat features are an image (digits: ``(1, 8, 8)``), else None.
+        n_outputs: Number of classes, or 1 for regression.
+        class_names: Class ``i`` is ``class_names[i]`` (the labels in sorted order); None for regression.
+        feature_names: One name per column of ``Split.x``.
+        target_name: The predicted column.
+        source: Where the data came from, e.g. ``"scikit-learn digits"`` or the file path.
+        name: Short name for messages: the bundled set's name or the file's name.
+        feature_mean: Per-feature mean subtracted before training (fitted on train), None if not standardized.
+        feature_std: Per-feature divisor (train std; 1 where that std is 0), None if not standardized.
+    """
+
+    kind: TaskKind
+    n_features: int
+    image_shape: tuple[int, int, int] | None
+    n_outputs: int
+    class_names: list[str] | None
+    feature_names: list[str]
+    target_name: str
+    source: str
+    name: str = ""
+    feature_mean: list[float] | None = None
+    feature_std: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split as tensors.
+
+    Attributes:
+        x: float32 ``(N, n_features)``; images are flattened (the CNN reshapes them with ``image_shape``).
+        y: int64 ``(N,)`` class indices for classification, float32 ``(N, 1)`` for regression.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train, validation and test splits with the facts about them."""
+
+    train: Split
+    val: Split
+    test: Split
+    info: DataInfo
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Numeric features and the target as read, before labels are coded and rows are split.
+
+    Attributes:
+        x: float64 ``(N, F)``, every value finite.
+        y: The target column ``(N,)`` as read (numbers, strings or booleans; no missing values).
+        feature_names: One name per column of ``x``.
+        target_name: Name of the target column.
+        source: Where the data came from (used in every error message).
+        name: Short name for messages.
+        kind: The task kind when the dataset fixes it (bundled sets), None to infer it from ``y``.
+        class_names: Names of the classes 0..K-1 when ``y`` is already coded (bundled sets).
+        image_shape: ``(C, H, W)`` if the features are a flattened image.
+        locate: Row index (0-based) → where a user finds that row, e.g. ``"row 17 (line 18)"``.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    target_name: str
+    source: str
+    name: str
+    kind: TaskKind | None = None
+    class_names: list[str] | None = None
+    image_shape: tuple[int, int, int] | None = None
+    locate: Callable[[int], str] = lambda i: f"row {i + 1}"
+
+    def head(self, n: int) -> RawData:
+        """The first ``n`` rows (all of them if there are fewer)."""
+        return replace(self, x=self.x[:n], y=self.y[:n])

@@ -1,0 +1,57 @@
+"""The recipes bundled inside the package: list, find by name, copy to edit."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from gradwise.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    path: Path
+
+
+def recipes_dir() -> Path:
+    return Path(str(resources.files("gradwise") / "recipes"))
+
+
+def list_recipes() -> list[Recipe]:
+    """Every bundled recipe, sorted by name, with the one-line description it declares."""
+    found = []
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        found.append(Recipe(path.stem, str(raw.get("description", "")).strip(), path))
+    return found
+
+
+def find_recipe(arg: str) -> Path:
+    """``arg`` as a file path, else as the name of a bundled recipe."""
+    path = Path(arg)
+    if path.exists():
+        return path
+    bundled = recipes_dir() / f"{arg.removesuffix('.yaml')}.yaml"
+    if bundled.exists():
+        return bundled
+    names = ", ".join(r.name for r in list_recipes())
+    raise ConfigError(f"recipe {arg}: no such file, and no bundled recipe of that name (bundled: {names})")
+
+
+def copy_recipe(name: str, dest: Path) -> Path:
+    """Copy bundled recipe ``name`` to ``dest`` (a file, or a directory to copy into); never overwrites."""
+    source = recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not source.exists():
+        names = ", ".join(r.name for r in list_recipes())
+        raise ConfigError(f"recipes copy: no bundled recipe {name!r} (bundled: {names})")
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise ConfigError(f"recipes copy: {target} exists; not overwriting it")
+    shutil.copyfile(source, target)
+    return target

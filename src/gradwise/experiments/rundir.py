@@ -1,0 +1,136 @@
+"""The run directory: the contract between training and everything downstream.
+
+``runs/<name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
+(one JSON object per optimizer step and per evaluation), ``summary.json``,
+``checkpoints/`` and ``plots/``. Eval, compare, report and resume read this
+directory and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from gradwise.config import RunConfig, to_yaml
+from gradwise.errors import CheckpointError
+from gradwise.train.checkpoint import atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
+    """A fresh ``<out_dir>/<name>-<timestamp>`` directory (the name is used as-is when given)."""
+    if cfg.name:
+        path = cfg.out_dir / cfg.name
+        if (path / METRICS_FILE).exists():
+            raise CheckpointError(f"{path}: a run with this name exists; resume it with resume={path} or pick a name")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = cfg.out_dir / f"{default_name}-{stamp}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = cfg.out_dir / f"{default_name}-{stamp}-{suffix}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(_finite(summary), indent=2) + "\n")
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    file = run_dir / SUMMARY_FILE
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; the run has not finished") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN/Infinity; write null so every JSON reader can load the summary.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class MetricsLog:
+    """Appends one JSON line per record to ``metrics.jsonl``.
+
+    Lines are buffered and flushed at evaluations and checkpoints, so logging
+    every step costs almost nothing on the hot path. On resume the log is cut
+    back to the checkpoint's step, so a killed run never leaves duplicates.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+# Fields a resumed run may change: the training budget and how it is shown.
+_RESUMABLE_CHANGES = ("stop.epochs", "stop.max_steps", "log.", "name", "out_dir", "description")
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume ``run_dir`` with a config that would change the optimization it started."""
+    from gradwise.config import read_yaml, validate
+
+    saved_file = run_dir / CONFIG_FILE
+    if not saved_file.exists():
+        raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
+    saved = validate(read_yaml(saved_file), source=str(saved_file))
+    for path, (old, new) in _differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json")).items():
+        if path == "resume" or path.startswith(_RESUMABLE_CHANGES):
+            continue
+        raise CheckpointError(
+            f"{run_dir}: cannot resume with {path}={new!r}; the run was started with {old!r} "
+            f"(only {', '.join(_RESUMABLE_CHANGES)} may change)"
+        )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found: dict[str, tuple[Any, Any]] = {}
+        for key in old.keys() | new.keys():
+            found.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return found
+    return {} if old == new else {prefix.rstrip("."): (old, new)}

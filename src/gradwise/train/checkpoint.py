@@ -1,0 +1,203 @@
+"""Checkpoints without pickle: safetensors for tensors, JSON for the rest.
+
+Layout under ``runs/<name>/checkpoints/``::
+
+    step-00000120/  model.safetensors  state.safetensors  state.json
+    last -> step-00000120      (symlinks, replaced atomically)
+    best -> step-00000100
+
+A step directory is written under a temporary name, every file fsynced, then
+renamed into place; only then is the ``last``/``best`` link swapped with
+``os.replace``. A run killed at any instant therefore leaves the previous
+checkpoint loadable, and loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gradwise.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+TENSORS_FILE = "state.safetensors"
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- nested state <-> (json, tensors)
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    """Replace every tensor in a nested structure by a reference, collecting the tensors.
+
+    Dicts with non-string keys (torch optimizer state is keyed by int) and
+    tuples are tagged so :func:`unflatten_state` restores them exactly.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: flatten_state(v, tensors, prefix) for k, v in obj.items()}
+        return {"__items__": [[k, flatten_state(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, tensors, prefix) for v in obj]}
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, prefix) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint without pickle")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        return {k: unflatten_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _point_link(link: Path, target_name: str) -> None:
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(
+    root: Path, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any], tags: list[str]
+) -> Path:
+    """Write the checkpoint of ``step`` (once) and point each tag (``last``, ``best``) at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    if not (final / STATE_FILE).exists():
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        meta = flatten_state(state, tensors)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
+        save_file(tensors, str(tmp / TENSORS_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(meta))
+        for file in (MODEL_FILE, TENSORS_FILE, STATE_FILE):
+            _fsync_file(tmp / file)
+        if final.exists():  # a half-written leftover from a killed run: never pointed to by a tag
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    for tag in tags:
+        _point_link(root / tag, name)
+    _fsync_dir(root)
+    _prune(root)
+    return final
+
+
+def _prune(root: Path) -> None:
+    """Delete step directories no tag points to (and temporaries of dead writers)."""
+    keep = {os.readlink(root / tag) for tag in ("last", "best") if (root / tag).is_symlink()}
+    for child in root.iterdir():
+        if child.is_symlink() or child.name in keep:
+            continue
+        if child.name.startswith(("step-", ".tmp-step-")) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def resolve_checkpoint(run_dir: Path, tag: str) -> Path:
+    """The directory of checkpoint ``tag`` of a run, or a CheckpointError naming what is missing."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory (it does not exist)")
+    path = run_dir / "checkpoints" / tag
+    if not path.exists():
+        raise CheckpointError(f"{run_dir}: no '{tag}' checkpoint in {run_dir / 'checkpoints'}")
+    return path
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Model weights of a checkpoint directory (safetensors, no pickle)."""
+    return _load_tensors(ckpt / MODEL_FILE)
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """The full training state saved beside the weights."""
+    file = ckpt / STATE_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
+    return unflatten_state(meta, _load_tensors(ckpt / TENSORS_FILE))
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: corrupt or not a safetensors file ({exc})") from None
+
+
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights strictly; a mismatch names the missing/unexpected keys or the first bad shape."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing: {', '.join(missing[:5]) or 'none'}; "
+            f"unexpected: {', '.join(unexpected[:5]) or 'none'})"
+        )
+    for key, tensor in state.items():
+        if own[key].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(tensor.shape)} in the checkpoint but {tuple(own[key].shape)} "
+                "in the model"
+            )
+    model.load_state_dict(state)

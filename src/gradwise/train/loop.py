@@ -1,0 +1,334 @@
+"""The one training loop.
+
+Every strategy is an object this loop composes — the optimizer, the LR
+schedule, the batch plan, loss penalties, gradient noise, clipping, decoupled
+weight decay, the early stopper — never a second loop. Read ``fit`` top to
+bottom: build, maybe resume, then step / evaluate / checkpoint until the
+budget or the stopper ends it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradwise.config import RunConfig
+from gradwise.errors import TrainingError
+from gradwise.experiments.rundir import MetricsLog, write_config, write_summary
+from gradwise.models import count_parameters
+from gradwise.optim import apply_decoupled_weight_decay
+from gradwise.train.checkpoint import (
+    load_model_state,
+    load_training_state,
+    load_weights_into,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from gradwise.train.device import autocast
+from gradwise.train.evaluate import Evaluation, evaluate
+from gradwise.train.progress import ProgressReporter
+from gradwise.train.regularize import weight_penalty
+from gradwise.train.rng import capture_rng, restore_rng
+from gradwise.train.setup import RunParts, build_run
+
+
+@dataclass
+class Counters:
+    """What the loop counts; saved in every checkpoint."""
+
+    step: int = 0
+    examples: int = 0
+    elapsed_s: float = 0.0
+    last_eval_step: int = -1
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    lr: float
+    batch_size: int
+    grad_norm: float | None
+
+
+def fit(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir`` (resuming from its ``last`` checkpoint) and return the summary.
+
+    Args:
+        cfg: The validated run config.
+        run_dir: The run directory; created by the caller.
+        resume: Continue from ``run_dir/checkpoints/last``.
+        stop_requested: Polled after every step; when it returns True the loop
+            saves a checkpoint and ends the run as ``interrupted``. Ctrl-C and
+            SIGTERM do the same.
+    """
+    parts = build_run(cfg)
+    counters = Counters()
+    if resume:
+        _restore(parts, counters, run_dir)
+    else:
+        write_config(run_dir, cfg)
+    log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
+    ckpt_root = run_dir / "checkpoints"
+    x_train = parts.data.train.x.to(parts.device)
+    y_train = parts.data.train.y.to(parts.device)
+    name = cfg.name or run_dir.name
+    reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress)
+    stop_reason, status = "budget reached", "completed"
+    if parts.stopper.should_stop:  # resuming a run that had already stopped early
+        stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
+    started = time.perf_counter() - counters.elapsed_s
+
+    with reporter, _interrupt_flag() as interrupted:
+        try:
+            while counters.step < parts.total_steps and not parts.stopper.should_stop:
+                result, epoch_ended = _train_step(parts, counters.step, x_train, y_train)
+                counters.step += 1
+                counters.examples += result.batch_size
+                step, epoch = counters.step, parts.sampler.progress
+                log.write({"kind": "train", "step": step, "epoch": round(epoch, 6), "examples": counters.examples,
+                           **asdict(result), "time": round(time.perf_counter() - started, 4)})
+                reporter.step(step, result.loss, result.lr)
+
+                if _eval_due(cfg, epoch_ended, step, parts.total_steps):
+                    counters.elapsed_s = time.perf_counter() - started
+                    _evaluate_and_checkpoint(parts, counters, log, reporter, ckpt_root)
+                elif cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                    counters.elapsed_s = time.perf_counter() - started
+                    _save(parts, counters, ckpt_root, ["last"])
+                if parts.stopper.should_stop:
+                    stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
+                    break
+                if interrupted() or (stop_requested is not None and stop_requested()):
+                    counters.elapsed_s = time.perf_counter() - started
+                    _save(parts, counters, ckpt_root, ["last"])
+                    stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
+                    break
+        except TrainingError as exc:
+            log.flush()
+            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": str(exc),
+                                    "steps": counters.step})
+            raise
+        finally:
+            log.close()
+        reporter.finish(counters.step)
+
+    counters.elapsed_s = time.perf_counter() - started
+    summary = _finish(parts, counters, run_dir, name, status, stop_reason)
+    reporter.note(_final_line(summary))
+    return summary
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[StepResult, bool]:
+    """Take the next batch, accumulate its gradient over micro-batches, and update the weights."""
+    cfg, model, optimizer = parts.cfg, parts.model, parts.optimizer
+    indices, epoch_ended = parts.sampler.take(parts.plan.size(step, parts.sampler.epoch))
+    n = len(indices)
+    lr_factor = parts.schedule.multiplier(step) * parts.plan.lr_scale(n)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=x.device)
+    for chunk in parts.plan.micro_batches(indices):
+        with autocast(parts.device, cfg.precision):
+            outputs = model(x[chunk])
+        # Sum over the micro-batch divided by the whole step's size: the accumulated
+        # gradient equals the large-batch gradient even when micro-batches are uneven.
+        loss = parts.task.loss_sum(outputs.float(), y[chunk]) / n
+        loss.backward()
+        loss_sum += loss.detach()
+    penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)
+    if penalty is not None:
+        penalty.backward()
+
+    loss_value = float(loss_sum)
+    if not math.isfinite(loss_value):
+        raise TrainingError(
+            f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f}); "
+            "the last checkpoint is kept — lower optim.lr or set regularize.clip_grad_norm"
+        )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = None
+    if cfg.regularize.clip_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.regularize.clip_grad_norm))
+    if parts.noise is not None:
+        # After clipping, so the injected variance is exactly the scheduled one.
+        parts.noise.add_(params, step)
+    apply_decoupled_weight_decay(optimizer)
+    optimizer.step()
+    result = StepResult(loss=loss_value, lr=optimizer.param_groups[0]["lr"], batch_size=n, grad_norm=grad_norm)
+    return result, epoch_ended
+
+
+def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) -> bool:
+    if step == total_steps:
+        return True
+    if cfg.eval.every_steps is not None:
+        return step % cfg.eval.every_steps == 0
+    return epoch_ended
+
+
+# --------------------------------------------------------------------------- evaluation and checkpoints
+
+
+def _evaluate_and_checkpoint(
+    parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter, ckpt_root: Path
+) -> None:
+    result = _evaluate(parts, "val")
+    value = result.metrics[parts.monitor]
+    log.write({"kind": "eval", "step": counters.step, "epoch": round(parts.sampler.progress, 6), "split": "val",
+               **result.metrics})
+    log.flush()
+    parts.schedule.on_eval(value)
+    improved = parts.stopper.update(value, counters.step)
+    counters.last_eval_step = counters.step
+    tags = ["last", "best"] if improved and parts.cfg.checkpoint.keep_best else ["last"]
+    _save(parts, counters, ckpt_root, tags)
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
+
+
+def _evaluate(parts: RunParts, split: str) -> Evaluation:
+    data = getattr(parts.data, split)
+    return evaluate(parts.model, parts.task, data, split, parts.cfg.eval.batch_size, parts.device,
+                    parts.cfg.precision)
+
+
+def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
+    return {
+        "counters": asdict(counters),
+        "optimizer": parts.optimizer.state_dict(),
+        "schedule": parts.schedule.state_dict(),
+        "sampler": parts.sampler.state_dict(),
+        "stopper": parts.stopper.state_dict(),
+        "noise": parts.noise.state_dict() if parts.noise is not None else None,
+        "rng": capture_rng(),
+    }
+
+
+def _save(parts: RunParts, counters: Counters, ckpt_root: Path, tags: list[str]) -> None:
+    save_checkpoint(ckpt_root, counters.step, parts.model.state_dict(), _training_state(parts, counters), tags)
+
+
+def _restore(parts: RunParts, counters: Counters, run_dir: Path) -> None:
+    """Load every piece of state from ``last`` so the run continues bit-for-bit."""
+    ckpt = resolve_checkpoint(run_dir, "last")
+    load_weights_into(parts.model, load_model_state(ckpt), ckpt)
+    state = load_training_state(ckpt)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.schedule.load_state_dict(state["schedule"])
+    parts.sampler.load_state_dict(state["sampler"])
+    parts.stopper.load_state_dict(state["stopper"])
+    if parts.noise is not None and state["noise"] is not None:
+        parts.noise.load_state_dict(state["noise"])
+    restore_rng(state["rng"])
+    for key, value in state["counters"].items():
+        setattr(counters, key, value)
+
+
+# --------------------------------------------------------------------------- the end of a run
+
+
+def _finish(
+    parts: RunParts, counters: Counters, run_dir: Path, name: str, status: str, stop_reason: str
+) -> dict[str, Any]:
+    """Final evaluation (of the best weights when asked), summary and plots."""
+    cfg = parts.cfg
+    best_step = parts.stopper.best_step
+    weights = "last"
+    if cfg.stop.restore_best and cfg.checkpoint.keep_best and best_step is not None and best_step != counters.step:
+        best = resolve_checkpoint(run_dir, "best")
+        load_weights_into(parts.model, load_model_state(best), best)
+        weights = "best"
+    val, test = _evaluate(parts, "val"), None
+    final = dict(val.metrics)
+    if len(parts.data.test.y):
+        test = _evaluate(parts, "test")
+        final.update(test.metrics)
+    info = parts.data.info
+    summary: dict[str, Any] = {
+        "name": name,
+        "status": status,
+        "stop_reason": stop_reason,
+        "task": info.kind,
+        "loss": parts.task.loss_name,
+        "data": info.source,
+        "monitor": parts.monitor,
+        "mode": parts.stopper.mode,
+        "best": {"step": best_step, "value": parts.stopper.best},
+        "final": final,
+        "final_weights": weights,
+        "steps": counters.step,
+        "total_steps": parts.total_steps,
+        "epochs": round(parts.sampler.progress, 4),
+        "examples": counters.examples,
+        "wall_time_s": round(counters.elapsed_s, 3),
+        "examples_per_s": round(counters.examples / max(counters.elapsed_s, 1e-9), 1),
+        "parameters": count_parameters(parts.model),
+        "device": str(parts.device),
+        "optimizer": cfg.optim.name,
+        "schedule": cfg.schedule.name,
+    }
+    confusion = (test or val).confusion
+    if confusion is not None:
+        summary["confusion_matrix"] = {"split": "test" if test else "val", "labels": info.class_names,
+                                       "matrix": confusion}
+    write_summary(run_dir, summary)
+    if cfg.log.plots:
+        _write_plots(run_dir)
+    return summary
+
+
+def _write_plots(run_dir: Path) -> None:
+    from gradwise.report.plots import write_run_plots  # matplotlib is slow to import; only when plotting
+
+    try:
+        write_run_plots(run_dir)
+    except Exception as exc:  # a plotting bug must not fail a finished run; its summary is already written
+        warnings.warn(f"{run_dir}: plots not written ({type(exc).__name__}: {exc})", stacklevel=2)
+
+
+def _final_line(summary: dict[str, Any]) -> str:
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if k.startswith("test_"))
+    return f"done: {summary['status']} ({summary['stop_reason']}); {shown or ''}"
+
+
+@contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C/SIGTERM asks the loop to checkpoint and stop at the next step; a second one aborts."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
