@@ -28,13 +28,20 @@ def error_of(raw: dict) -> str:
 
 
 def test_overrides_are_typed_like_yaml():
-    raw = apply_overrides({"optim": {"name": "sgd"}}, [
-        "optim.lr=1e-3", "batch.size=full", "model.hidden=[32, 16]", "stop.patience=none", "regularize.l2=0",
-        "batch.at_epochs={2: 64}",
-    ])
+    raw = apply_overrides(
+        {"optim": {"name": "sgd"}},
+        [
+            "optim.lr=1e-3",
+            "batch.size=64",
+            "model.hidden=[32, 16]",
+            "stop.patience=none",
+            "regularize.l2=0",
+            "batch.at_epochs={2: 64}",
+        ],
+    )
     cfg = validate(raw)
     assert cfg.optim.lr == pytest.approx(1e-3)
-    assert cfg.batch.size == "full"
+    assert cfg.batch.size == 64
     assert cfg.model.hidden == [32, 16]
     assert cfg.stop.patience is None
     assert cfg.batch.at_epochs == {2: 64}
@@ -74,9 +81,9 @@ def test_bad_values_name_the_field(raw, expected):
 
 
 def test_bad_override_syntax():
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         apply_overrides({}, ["optim.lr"])
-    with pytest.raises(ConfigError, match="optim.lr is a value, not a section"):
+    with pytest.raises(ConfigError, match=r"optim\.lr is a value, not a section"):
         apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr.x=2"])
 
 

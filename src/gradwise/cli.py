@@ -46,17 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
 
     resume = sub.add_parser(
-        "resume", help="continue an interrupted run", formatter_class=fmt,
+        "resume",
+        help="continue an interrupted run",
+        formatter_class=fmt,
         description="Continue RUN_DIR from its last checkpoint with its saved config; bit-exact on CPU.\n\n"
         "example:\n  gradwise resume runs/digits-cnn-20261125-120000\n"
         "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer",
     )
     resume.add_argument("run_dir", type=Path)
-    resume.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="only stop.* and log.* may differ from the saved config")
+    resume.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="only stop.* and log.* may differ from the saved config"
+    )
 
     ev = sub.add_parser(
-        "eval", help="evaluate a run's checkpoint", formatter_class=fmt,
+        "eval",
+        help="evaluate a run's checkpoint",
+        formatter_class=fmt,
         description="Evaluate a run's best (or last) checkpoint on its test (or val) split and print the metrics.\n\n"
         "example:\n  gradwise eval runs/digits-cnn-20261125-120000 --split test",
     )
@@ -66,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
     rec = sub.add_parser(
-        "recipes", help="list or copy the bundled recipes", formatter_class=fmt,
+        "recipes",
+        help="list or copy the bundled recipes",
+        formatter_class=fmt,
         description="List the bundled recipes (name, then description), or copy one to edit.\n\n"
         "examples:\n  gradwise recipes\n  gradwise recipes copy digits-mlp my-digits.yaml",
     )
@@ -75,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("dest", nargs="?", type=Path, help="file or directory to copy it to")
 
     sub.add_parser(
-        "optimizers", help="list the optimizers optim.name accepts", formatter_class=fmt,
+        "optimizers",
+        help="list the optimizers optim.name accepts",
+        formatter_class=fmt,
         description="List every optimizer name with a one-line description.\n\nexample:\n  gradwise optimizers",
     )
     return parser

@@ -20,12 +20,33 @@ from gradwise.errors import ConfigError
 
 # Names shared with the registries in gradwise.optim; tests assert they agree.
 OptimizerName = Literal[
-    "gd", "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw",
-    "adaptive", "nadam", "radam", "adamax", "adadelta", "adafactor", "muon",
+    "gd",
+    "sgd",
+    "momentum",
+    "nesterov",
+    "adagrad",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "adaptive",
+    "nadam",
+    "radam",
+    "adamax",
+    "adadelta",
+    "adafactor",
+    "muon",
 ]
 ScheduleName = Literal[
-    "constant", "exponential", "step", "multistep", "linear", "cosine",
-    "polynomial", "wsd", "plateau", "onecycle",
+    "constant",
+    "exponential",
+    "step",
+    "multistep",
+    "linear",
+    "cosine",
+    "polynomial",
+    "wsd",
+    "plateau",
+    "onecycle",
 ]
 DatasetName = Literal["digits", "wine", "breast_cancer", "diabetes", "linear", "file"]
 
@@ -239,7 +260,6 @@ class StopConfig(Section):
         return self
 
 
-
 def monitor_mode(monitor: str, mode: Literal["auto", "min", "max"]) -> Literal["min", "max"]:
     """Whether a smaller or a larger ``monitor`` value is better."""
     if mode != "auto":
@@ -276,7 +296,7 @@ class RunConfig(Section):
     description: str = ""
     seed: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     deterministic: bool = False
     out_dir: Path = Path("runs")
     resume: Path | None = None

@@ -205,7 +205,7 @@ def test_loss_figure_content() -> None:
     assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "loss (cross-entropy)"
     assert ax.get_yscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[:2] == ["train (raw)", "train (EMA, β=0.95)"] and "val" in labels
+    assert labels[:2] == ["train (raw)", "train (EMA, β=0.75)"] and "val" in labels
     assert any(label.startswith("best val_loss 0.13 @ step 200") for label in labels)
     narrow = _loss_figure("myrun", _train_lines(STEPS, 0), [], {}, "loss")
     assert narrow.axes[0].get_yscale() == "linear"

@@ -73,8 +73,11 @@ def test_lr_scaling_rules():
 
 
 def test_total_steps_matches_what_the_sampler_takes():
-    for cfg in (BatchConfig(size=7), BatchConfig(size=64, ramp={"start": 4, "steps": 30}),
-                BatchConfig(size=8, at_epochs={1: 16, 2: 50})):
+    for cfg in (
+        BatchConfig(size=7),
+        BatchConfig(size=64, ramp={"start": 4, "steps": 30}),
+        BatchConfig(size=8, at_epochs={1: 16, 2: 50}),
+    ):
         plan = BatchPlan(cfg, n_train=101)
         sampler = EpochSampler(101, seed=0)
         steps = 0

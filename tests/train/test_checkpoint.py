@@ -44,8 +44,13 @@ def assert_same(a, b) -> None:
 
 
 def test_nested_state_round_trips_exactly():
-    state = {"optimizer": optimizer_state(), "int_keys": {0: 1.5, 7: None}, "tuple": (1, "a"), "nan": float("nan"),
-             "rng": torch.get_rng_state()}
+    state = {
+        "optimizer": optimizer_state(),
+        "int_keys": {0: 1.5, 7: None},
+        "tuple": (1, "a"),
+        "nan": float("nan"),
+        "rng": torch.get_rng_state(),
+    }
     tensors: dict[str, torch.Tensor] = {}
     meta = flatten_state(state, tensors)
     import json
@@ -104,10 +109,10 @@ def test_corrupt_and_missing_files_are_one_line_errors(tmp_path: Path):
     save_checkpoint(tmp_path / "run" / "checkpoints", 1, model.state_dict(), {"a": torch.ones(2)}, ["last"])
     ckpt = tmp_path / "run" / "checkpoints" / "last"
     (ckpt / "model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="model.safetensors: corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt"):
         load_model_state(ckpt)
     (ckpt / "state.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="state.json: corrupt"):
+    with pytest.raises(CheckpointError, match=r"state\.json: corrupt"):
         load_training_state(ckpt)
     with pytest.raises(CheckpointError, match="no 'best' checkpoint"):
         resolve_checkpoint(tmp_path / "run", "best")
@@ -117,7 +122,7 @@ def test_corrupt_and_missing_files_are_one_line_errors(tmp_path: Path):
 
 def test_mismatched_weights_name_the_keys(tmp_path: Path):
     weights = torch.nn.Linear(3, 2).state_dict()
-    with pytest.raises(CheckpointError, match="missing: 0.bias, 0.weight; unexpected: bias, weight"):
+    with pytest.raises(CheckpointError, match=r"missing: 0\.bias, 0\.weight; unexpected: bias, weight"):
         load_weights_into(torch.nn.Sequential(torch.nn.Linear(3, 2)), weights, tmp_path)
     with pytest.raises(CheckpointError, match=r"weight has shape \(2, 3\) in the checkpoint but \(4, 3\)"):
         load_weights_into(torch.nn.Linear(3, 4), {"weight": weights["weight"], "bias": torch.zeros(4)}, tmp_path)

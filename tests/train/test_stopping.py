@@ -35,11 +35,12 @@ def test_without_patience_never_stops_but_tracks_best():
     assert stopper.best == 2.0
 
 
-def test_nan_monitor_stops():
+def test_nan_is_never_an_improvement():
     stopper = EarlyStopping("val_loss", "min", patience=None, min_delta=0.0)
-    stopper.update(1.0, 1)
-    stopper.update(float("nan"), 2)
-    assert stopper.should_stop and "nan" in (stopper.stop_reason or "")
+    assert stopper.update(float("nan"), 1) is False
+    assert stopper.update(1.0, 2) is True
+    assert stopper.update(float("nan"), 3) is False
+    assert stopper.best == 1.0
 
 
 def test_state_round_trip():

@@ -45,12 +45,12 @@ def load_file(cfg: DataConfig) -> RawData:
     blocks: list[np.ndarray] = []
     names: list[str] = []
     for feature in features:
-        block, block_names = feature_block(table.columns[feature][:keep], feature, source, table.locate, hint)
+        block, block_names = feature_block(table.column(feature)[:keep], feature, source, table.locate, hint)
         blocks.append(block)
         names.extend(block_names)
     return RawData(
         x=np.concatenate(blocks, axis=1),
-        y=clean_target(table.columns[target][:keep], target, source, table.locate),
+        y=clean_target(table.column(target)[:keep], target, source, table.locate),
         feature_names=names,
         target_name=target,
         source=source,
@@ -119,12 +119,20 @@ def clean_target(values: np.ndarray, column: str, source: str, locate: Callable[
             value = value.decode("utf-8", errors="replace")
         if isinstance(value, str):
             value = value.strip()
-        if _is_missing(value):
+        # Only a truly empty cell is missing here: "NA" or "None" may well be a class name.
+        if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
             raise DataError(f"{source}: column {column!r} {locate(i)}: {_describe_bad(value)} in the target")
         if isinstance(value, (list, dict)):
             raise DataError(f"{source}: column {column!r} {locate(i)}: {_show(value)} is not a label or a number")
         cleaned[i] = value
     return cleaned
+
+
+def parse_number(value: Any) -> float:
+    """One value as a float the way a column is parsed: NaN unless it is a number or numeric text."""
+    cell = np.empty(1, dtype=object)
+    cell[0] = value
+    return float(_parse_numbers(cell)[0])
 
 
 def available(names: list[str], limit: int = 30) -> str:
@@ -137,10 +145,10 @@ def available(names: list[str], limit: int = 30) -> str:
 
 
 def _target_name(cfg: DataConfig, table: Table) -> str:
-    names = list(table.columns)
+    names = table.names
     if cfg.target is None:
         raise DataError(f"{table.source}: data.target is required for data.name 'file'; columns: {available(names)}")
-    if cfg.target not in table.columns:
+    if cfg.target not in names:
         raise DataError(
             f"{table.source}: no column {cfg.target!r} (data.target); available columns: {available(names)}"
         )
@@ -149,7 +157,7 @@ def _target_name(cfg: DataConfig, table: Table) -> str:
 
 def _feature_names(cfg: DataConfig, table: Table, target: str) -> list[str]:
     if cfg.features is None:
-        features = [name for name in table.columns if name != target]
+        features = [name for name in table.names if name != target]
         if not features:
             raise DataError(f"{table.source}: no columns besides the target {target!r} to use as features")
         return features
@@ -161,15 +169,14 @@ def _feature_names(cfg: DataConfig, table: Table, target: str) -> list[str]:
     if target in cfg.features:
         raise ConfigError(f"data.features includes the target column {target!r} (data.target)")
     for name in cfg.features:
-        if name not in table.columns:
-            raise DataError(
-                f"{table.source}: no column {name!r} (data.features); available columns: {available(list(table.columns))}"
-            )
+        if name not in table.names:
+            names = available(table.names)
+            raise DataError(f"{table.source}: no column {name!r} (data.features); available columns: {names}")
     return list(cfg.features)
 
 
 def _common_length(table: Table, names: list[str]) -> int:
-    lengths = {name: int(table.columns[name].shape[0]) for name in names}
+    lengths = {name: int(table.column(name).shape[0]) for name in names}
     first = names[-1]  # the target
     for name, length in lengths.items():
         if length != lengths[first]:
@@ -180,7 +187,7 @@ def _common_length(table: Table, names: list[str]) -> int:
 def _image_shape(table: Table, features: list[str]) -> tuple[int, int, int] | None:
     if len(features) != 1:
         return None
-    shape = table.columns[features[0]].shape[1:]
+    shape = table.column(features[0]).shape[1:]
     if len(shape) == 2:
         return (1, int(shape[0]), int(shape[1]))
     if len(shape) == 3:
@@ -214,8 +221,7 @@ def _describe_bad(value: Any) -> str:
         return "empty cell"
     if _is_missing(value) or (isinstance(value, np.floating) and np.isnan(value)):
         return f"missing value ({_show(value)})"
-    parsed = pd.to_numeric(pd.Series([value], dtype=object), errors="coerce").iloc[0] if isinstance(value, str) else value
-    if isinstance(parsed, (int, float, np.number)) and not np.isnan(parsed):
+    if np.isinf(parse_number(value)):
         return f"{_show(value)} is not a finite number"
     return f"{_show(value)} is not a number"
 

@@ -5,7 +5,8 @@ file; nothing from a user's file is ever unpickled (NPZ is read with
 ``allow_pickle=False``). Rows are reported the way a user finds them in each
 format: ``row R (line L)`` for CSV and JSONL (R counts data rows from 1, L is
 the line in the file), ``row R`` for Parquet, ``index i`` (0-based, as numpy
-counts) for NPZ.
+counts) for NPZ. Blank lines in CSV and JSONL (and CSV rows whose every cell
+is blank, as spreadsheets leave at the end) are skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import lzma
 import zipfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,11 +49,25 @@ class Table:
         columns: Column name → array; CSV and JSONL give object arrays of strings/JSON values,
             Parquet and NPZ keep their dtypes (an NPZ array may be 2-D or more).
         locate: Row index (0-based) → where the user finds that row in this file.
+        refused: Columns that exist but cannot be read safely (NPZ object arrays), with the reason;
+            they are an error only when a run uses them.
     """
 
     source: str
     columns: dict[str, np.ndarray]
     locate: Callable[[int], str]
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        """Every column name, usable or not."""
+        return [*self.columns, *self.refused]
+
+    def column(self, name: str) -> np.ndarray:
+        """The column ``name``; a DataError if it was refused."""
+        if name in self.refused:
+            raise DataError(self.refused[name])
+        return self.columns[name]
 
 
 def detect_format(path: Path, fmt: str) -> str:
@@ -89,7 +104,7 @@ def read_table(path: Path, fmt: str) -> Table:
         raise DataError(f"{source}: not UTF-8 text (is data.format {fmt!r} right?)") from None
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"{source}: cannot read as {fmt} ({first_line(exc)})") from None
-    if not table.columns:
+    if not table.names:
         raise DataError(f"{source}: no columns")
     return table
 
@@ -180,25 +195,27 @@ def _read_npz(path: Path, source: str) -> Table:
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{source}: holds a single array, not an NPZ archive of named arrays (use np.savez)")
     columns: dict[str, np.ndarray] = {}
+    refused: dict[str, str] = {}
     with archive:
         for key in archive.files:
             try:
                 array = archive[key]
             except ValueError as exc:
                 if "allow_pickle" in str(exc):
-                    raise DataError(
+                    refused[key] = (
                         f"{source}: array {key!r} holds Python objects, which gradwise never unpickles; "
-                        "save it as a numeric or string array"
-                    ) from None
+                        "save it as a numeric or string array (e.g. .astype(str))"
+                    )
+                    continue
                 raise DataError(f"{source}: array {key!r} is unreadable ({first_line(exc)})") from None
             except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
                 raise DataError(f"{source}: array {key!r} is unreadable ({first_line(exc)})") from None
             if array.ndim == 0:
                 raise DataError(f"{source}: array {key!r} is a single value, not a column (one entry per row)")
             columns[key] = array
-    if not columns:
+    if not columns and not refused:
         raise DataError(f"{source}: the NPZ archive holds no arrays")
-    return Table(source, columns, lambda i: f"index {i}")
+    return Table(source, columns, lambda i: f"index {i}", refused)
 
 
 # --------------------------------------------------------------------------- helpers

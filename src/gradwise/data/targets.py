@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from gradwise.data.files import parse_number
 from gradwise.data.types import RawData, TaskKind
 from gradwise.errors import ConfigError, DataError
 
@@ -108,7 +109,7 @@ def _number_name(value: float) -> str:
 
 def _first_non_number(y: np.ndarray) -> int:
     for i, value in enumerate(y.tolist()):
-        if isinstance(value, bool) or not np.isfinite(pd.to_numeric(pd.Series([value], dtype=object), errors="coerce")[0]):
+        if isinstance(value, bool) or not np.isfinite(parse_number(value)):
             return i
     return 0
 

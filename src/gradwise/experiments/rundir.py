@@ -81,7 +81,7 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
         if resume_step is not None:
             self._truncate_after(resume_step)
-        self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+        self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # closed in close()
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -52,9 +52,17 @@ def write_comparison(parent: Path, summaries: dict[str, dict[str, Any]]) -> None
     test_keys = [k for k in first["final"] if k.startswith("test_")]
     rows = []
     for label, s in summaries.items():
-        rows.append({"variant": label, "best_" + monitor: s["best"]["value"], "best_step": s["best"]["step"],
-                     **{k: s["final"].get(k) for k in test_keys}, "steps": s["steps"],
-                     "wall_time_s": s["wall_time_s"], "status": s["status"]})
+        rows.append(
+            {
+                "variant": label,
+                "best_" + monitor: s["best"]["value"],
+                "best_step": s["best"]["step"],
+                **{k: s["final"].get(k) for k in test_keys},
+                "steps": s["steps"],
+                "wall_time_s": s["wall_time_s"],
+                "status": s["status"],
+            }
+        )
     atomic_write_text(parent / "comparison.json", json.dumps(rows, indent=2) + "\n")
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

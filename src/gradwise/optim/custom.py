@@ -1,7 +1,9 @@
-"""The two optimizers gradwise needs that torch.optim does not provide.
+"""The optimizers gradwise needs that torch.optim does not provide.
 
-Both are plain :class:`torch.optim.Optimizer` subclasses, so their state goes
-through torch's own ``state_dict`` / ``load_state_dict``.
+Two update rules (:class:`EMAMomentum`, :class:`AdaptiveLR`), plain
+:class:`torch.optim.Optimizer` subclasses whose state goes through torch's own
+``state_dict`` / ``load_state_dict``; and :class:`MuonWithAdamW`, which runs
+torch's Muon and AdamW side by side as the Muon authors prescribe.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-# Written here because no maintained library (torch.optim, timm, torch-optimizer) offers either rule.
+Groups = list[dict[str, Any]]
 
 
+# Written here because no maintained library (torch.optim, timm, torch-optimizer) offers this rule.
 class EMAMomentum(torch.optim.Optimizer):
     """Momentum as an exponential moving average of gradients.
 
@@ -57,6 +61,7 @@ class EMAMomentum(torch.optim.Optimizer):
         return loss
 
 
+# Written here because no maintained library offers this rule (AdaGrad-Norm divides by the square root).
 class AdaptiveLR(torch.optim.Optimizer):
     """Gradient descent whose step size shrinks with the accumulated squared gradient norm.
 
@@ -108,3 +113,110 @@ class AdaptiveLR(torch.optim.Optimizer):
                 if p.grad is not None:
                     p.add_(p.grad, alpha=-step_size)
         return loss
+
+
+# torch ships Muon but no pairing with AdamW; the authors' MuonWithAuxAdam is a git-only package with its own Muon.
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on hidden weight matrices and torch.optim.AdamW on every other parameter.
+
+    torch's Muon accepts only 2-D parameters, and its docs (like the Muon
+    authors) say the rest — biases, gains, embeddings, the input layer and the
+    classifier head — belong to AdamW (see :func:`muon_hidden_weights`).
+    ``param_groups`` is one list holding the two inner optimizers' group dicts
+    themselves, so setting ``group["lr"]`` reaches the optimizer that owns the
+    group. ``state`` on this object is empty; the state lives in the inner
+    optimizers and in :meth:`state_dict`.
+
+    Args:
+        groups: Parameter groups, each with ``use_muon`` True (all params
+            exactly 2-D) or False.
+        lr: Learning rate of both parts.
+        muon_kwargs: Further arguments of torch.optim.Muon.
+        adamw_kwargs: Further arguments of torch.optim.AdamW.
+
+    References:
+        Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
+        Liu et al. 2025, "Muon is Scalable for LLM Training" (arXiv:2502.16982).
+    """
+
+    def __init__(self, groups: Groups, lr: float, muon_kwargs: dict[str, Any], adamw_kwargs: dict[str, Any]) -> None:
+        muon_groups = [g for g in groups if g["use_muon"]]
+        adamw_groups = [g for g in groups if not g["use_muon"]]
+        self.muon = torch.optim.Muon(muon_groups, lr=lr, **muon_kwargs) if muon_groups else None
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, **adamw_kwargs) if adamw_groups else None
+        super().__init__(self._inner_groups(), {})
+
+    def _inner_groups(self) -> Groups:
+        return [g for opt in (self.muon, self.adamw) if opt is not None for g in opt.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Step both inner optimizers (the closure, if any, is evaluated once)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in (self.muon, self.adamw):
+            if opt is not None:
+                opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of every parameter of both inner optimizers."""
+        for opt in (self.muon, self.adamw):
+            if opt is not None:
+                opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """``{"muon": ..., "adamw": ...}``: each inner optimizer's torch state_dict, or None when it has no params."""
+        return {
+            "muon": self.muon.state_dict() if self.muon is not None else None,
+            "adamw": self.adamw.state_dict() if self.adamw is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load both parts; ``param_groups`` then holds the inner optimizers' new group dicts."""
+        for key, opt in (("muon", self.muon), ("adamw", self.adamw)):
+            saved = state_dict.get(key)
+            if (saved is None) != (opt is None):
+                problem = "missing" if saved is None else "unexpected"
+                raise ValueError(f"optimizer state: the {key} part is {problem} for this model")
+            if opt is not None:
+                opt.load_state_dict(saved)
+        # torch's load_state_dict replaces the group dicts, so the union must be rebuilt.
+        self.param_groups[:] = self._inner_groups()
+
+
+def muon_hidden_weights(model: nn.Module) -> set[int]:
+    """``id()`` of the parameters Muon should own: the exactly-2-D weights of hidden layers.
+
+    torch's docs call Muon "an optimizer for 2D parameters of neural network
+    hidden layers", and its authors keep the input and output layers on AdamW
+    even though they are 2-D. So the weights of the first and the last layer
+    (the first/last ``nn.Linear``, ``nn.Conv*`` or embedding module registered
+    in the model) and every embedding table are excluded. Conv filters are
+    4-D, which torch's Muon refuses, so they stay on AdamW as well.
+    """
+    embeddings = nn.Embedding | nn.EmbeddingBag
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | embeddings)]
+    excluded = {id(p) for m in layers if isinstance(m, embeddings) for p in m.parameters()}
+    for outer in layers[:1] + layers[-1:]:
+        excluded.update(id(p) for p in outer.parameters())
+    return {id(p) for p in model.parameters() if p.ndim == 2 and id(p) not in excluded}
+
+
+def split_for_muon(groups: Groups, is_muon: Callable[[torch.Tensor], bool]) -> Groups:
+    """Split each group into a Muon part and an AdamW part (``use_muon``), dropping empty parts."""
+    out: Groups = []
+    for group in groups:
+        names = group.get("param_names", [None] * len(group["params"]))
+        for use_muon in (True, False):
+            picked = [(p, n) for p, n in zip(group["params"], names, strict=True) if is_muon(p) == use_muon]
+            if not picked:
+                continue
+            part = {**group, "params": [p for p, _ in picked], "use_muon": use_muon}
+            if "param_names" in group:
+                part["param_names"] = [n for _, n in picked]
+            part["group_name"] = f"{group.get('group_name', 'group')} {'muon' if use_muon else 'adamw'}"
+            out.append(part)
+    return out

@@ -19,7 +19,7 @@ from torch import nn
 
 from gradwise.config import OptimConfig
 from gradwise.errors import ConfigError
-from gradwise.optim.custom import AdaptiveLR, EMAMomentum
+from gradwise.optim.custom import AdaptiveLR, EMAMomentum, MuonWithAdamW, muon_hidden_weights, split_for_muon
 from gradwise.optim.param_groups import build_param_groups
 
 Groups = list[dict[str, Any]]
@@ -108,17 +108,43 @@ def _torch(
     cls: type[torch.optim.Optimizer],
     from_cfg: Mapping[str, str] | None = None,
     fixed: Mapping[str, Any] | None = None,
+    after_load: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> Callable[[Groups, OptimConfig], torch.optim.Optimizer]:
-    """A build function for ``cls`` taking ``lr`` and the ``from_cfg`` fields {argument: OptimConfig attribute}."""
+    """A build function for ``cls`` taking ``lr`` and the ``from_cfg`` fields {argument: OptimConfig attribute}.
+
+    ``after_load`` is registered as a ``load_state_dict`` post-hook.
+    """
     from_cfg = dict(from_cfg or {})
 
     def build(groups: Groups, cfg: OptimConfig) -> torch.optim.Optimizer:
         kwargs = {"lr": cfg.lr, **{arg: getattr(cfg, attr) for arg, attr in from_cfg.items()}}
         homes = {arg: f"optim.{attr}" for arg, attr in from_cfg.items()}
         kwargs = _merge_extra(cls, kwargs, cfg.extra, homes=homes, fixed=fixed)
-        return _construct(cls, groups, kwargs, cfg.extra)
+        optimizer = _construct(cls, groups, kwargs, cfg.extra)
+        if after_load is not None:
+            optimizer.register_load_state_dict_post_hook(after_load)
+        return optimizer
 
     return build
+
+
+def _nadam_scalars_back(optimizer: torch.optim.Optimizer) -> None:
+    """Put NAdam's scalar ``mu_product`` back to the dtype and device torch created it with.
+
+    torch's ``load_state_dict`` casts every non-``step`` state tensor to its
+    parameter's dtype and device; for ``mu_product`` (a float32 CPU scalar
+    unless the default dtype is float64) that changes the last bits of every
+    later step of a float64 run, breaking bit-for-bit resume.
+    """
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        if group.get("capturable"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            mu = state.get("mu_product")
+            if isinstance(mu, torch.Tensor):
+                state["mu_product"] = mu.to(device="cpu", dtype=dtype)
 
 
 def _custom(
@@ -141,111 +167,6 @@ def _build_momentum(groups: Groups, cfg: OptimConfig) -> torch.optim.Optimizer:
 
 
 # --------------------------------------------------------------------------- muon
-
-
-class MuonWithAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon on hidden weight matrices and torch.optim.AdamW on every other parameter.
-
-    torch's Muon accepts only 2-D parameters and its docs (like the Muon authors)
-    say the rest — biases, gains, embeddings, the classifier head — belong to
-    AdamW. ``param_groups`` is one list holding the two inner optimizers' group
-    dicts themselves, so setting ``group["lr"]`` reaches the optimizer that
-    owns the group. ``state`` on this object is empty; the state lives in the
-    inner optimizers and in :meth:`state_dict`.
-
-    Args:
-        groups: Parameter groups, each with ``use_muon`` True (all params
-            exactly 2-D) or False.
-        lr: Learning rate of both parts.
-        muon_kwargs: Further arguments of torch.optim.Muon.
-        adamw_kwargs: Further arguments of torch.optim.AdamW.
-
-    References:
-        Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks";
-        Liu et al. 2025, "Muon is Scalable for LLM Training" (arXiv:2502.16982).
-    """
-
-    def __init__(self, groups: Groups, lr: float, muon_kwargs: dict[str, Any], adamw_kwargs: dict[str, Any]) -> None:
-        muon_groups = [g for g in groups if g["use_muon"]]
-        adamw_groups = [g for g in groups if not g["use_muon"]]
-        self.muon = torch.optim.Muon(muon_groups, lr=lr, **muon_kwargs) if muon_groups else None
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, **adamw_kwargs) if adamw_groups else None
-        super().__init__(self._inner_groups(), {})
-
-    def _inner_groups(self) -> Groups:
-        return [g for opt in (self.muon, self.adamw) if opt is not None for g in opt.param_groups]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Step both inner optimizers (the closure, if any, is evaluated once)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in (self.muon, self.adamw):
-            if opt is not None:
-                opt.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients of every parameter of both inner optimizers."""
-        for opt in (self.muon, self.adamw):
-            if opt is not None:
-                opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"muon": ..., "adamw": ...}``: each inner optimizer's torch state_dict, or None when it has no params."""
-        return {
-            "muon": self.muon.state_dict() if self.muon is not None else None,
-            "adamw": self.adamw.state_dict() if self.adamw is not None else None,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load both parts; ``param_groups`` then holds the inner optimizers' new group dicts."""
-        for key, opt in (("muon", self.muon), ("adamw", self.adamw)):
-            saved = state_dict.get(key)
-            if (saved is None) != (opt is None):
-                problem = "missing" if saved is None else "unexpected"
-                raise ValueError(f"optimizer state: the {key} part is {problem} for this model")
-            if opt is not None:
-                opt.load_state_dict(saved)
-        # torch's load_state_dict replaces the group dicts, so the union must be rebuilt.
-        self.param_groups[:] = self._inner_groups()
-
-
-def muon_hidden_weights(model: nn.Module) -> set[int]:
-    """``id()`` of the parameters Muon should own: the exactly-2-D weights of hidden layers.
-
-    torch's docs call Muon "an optimizer for 2D parameters of neural network
-    hidden layers", and its authors keep the input and output layers on AdamW
-    even though they are 2-D. So the weights of the first and the last layer
-    (the first/last ``nn.Linear``, ``nn.Conv*`` or embedding module registered
-    in the model) and every embedding table are excluded. Conv filters are
-    4-D, which torch's Muon refuses, so they stay on AdamW as well.
-    """
-    embeddings = (nn.Embedding, nn.EmbeddingBag)
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd | embeddings)]
-    excluded = {id(p) for m in layers if isinstance(m, embeddings) for p in m.parameters()}
-    for outer in layers[:1] + layers[-1:]:
-        excluded.update(id(p) for p in outer.parameters())
-    return {id(p) for p in model.parameters() if p.ndim == 2 and id(p) not in excluded}
-
-
-def split_for_muon(groups: Groups, is_muon: Callable[[torch.Tensor], bool]) -> Groups:
-    """Split each group into a Muon part and an AdamW part (``use_muon``), dropping empty parts."""
-    out: Groups = []
-    for group in groups:
-        names = group.get("param_names", [None] * len(group["params"]))
-        for use_muon in (True, False):
-            picked = [(p, n) for p, n in zip(group["params"], names, strict=True) if is_muon(p) == use_muon]
-            if not picked:
-                continue
-            part = {**group, "params": [p for p, _ in picked], "use_muon": use_muon}
-            if "param_names" in group:
-                part["param_names"] = [n for _, n in picked]
-            part["group_name"] = f"{group.get('group_name', 'group')} {'muon' if use_muon else 'adamw'}"
-            out.append(part)
-    return out
 
 
 def _prepare_muon(model: nn.Module, groups: Groups) -> Groups:
@@ -278,41 +199,100 @@ def _build_muon(groups: Groups, cfg: OptimConfig) -> torch.optim.Optimizer:
 _SGD = torch.optim.SGD
 _ADAM_ARGS = {"betas": "betas", "eps": "eps"}
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    spec.name: spec
-    for spec in (
-        OptimizerSpec("gd", "full-batch gradient descent (torch SGD, no momentum; the loop feeds the whole set)", False,
-                      _torch(_SGD, fixed={"momentum": 0.0, "nesterov": False})),
-        OptimizerSpec("sgd", "stochastic gradient descent (torch SGD, no momentum)", False,
-                      _torch(_SGD, fixed={"momentum": 0.0, "nesterov": False})),
-        OptimizerSpec("momentum", "SGD with momentum: classic (torch SGD) or ema (v = βv + (1-β)g)", False,
-                      _build_momentum),
-        OptimizerSpec("nesterov", "SGD with Nesterov momentum (torch SGD nesterov=True)", False,
-                      _torch(_SGD, {"momentum": "momentum"}, {"nesterov": True})),
-        OptimizerSpec("adagrad", "AdaGrad (torch Adagrad, eps=optim.eps)", False,
-                      _torch(torch.optim.Adagrad, {"eps": "eps"})),
-        OptimizerSpec("rmsprop", "RMSprop (torch RMSprop, alpha=optim.alpha, eps=optim.eps)", False,
-                      _torch(torch.optim.RMSprop, {"alpha": "alpha", "eps": "eps"})),
-        OptimizerSpec("adam", "Adam (torch Adam); with regularize.weight_decay it is AdamW", False,
-                      _torch(torch.optim.Adam, _ADAM_ARGS)),
-        OptimizerSpec("adamw", "AdamW (torch AdamW, its own decoupled weight decay)", True,
-                      _torch(torch.optim.AdamW, _ADAM_ARGS)),
-        OptimizerSpec("adaptive", "gradient descent with lr / (1 + β Σ‖g‖²), β = optim.adaptive_beta", False,
-                      _custom(AdaptiveLR, "beta", "adaptive_beta")),
-        OptimizerSpec("nadam", "Adam with Nesterov momentum (torch NAdam)", False,
-                      _torch(torch.optim.NAdam, _ADAM_ARGS)),
-        OptimizerSpec("radam", "rectified Adam (torch RAdam)", False,
-                      _torch(torch.optim.RAdam, _ADAM_ARGS)),
-        OptimizerSpec("adamax", "Adam with the infinity norm (torch Adamax)", False,
-                      _torch(torch.optim.Adamax, _ADAM_ARGS)),
-        OptimizerSpec("adadelta", "Adadelta (torch Adadelta, eps=optim.eps; torch's default is 1e-6)", False,
-                      _torch(torch.optim.Adadelta, {"eps": "eps"})),
-        OptimizerSpec("adafactor", "Adafactor (torch Adafactor, factored second moments, own decoupled decay)", True,
-                      _torch(torch.optim.Adafactor)),
-        OptimizerSpec("muon", "Muon on hidden weight matrices + AdamW on the rest (momentum=optim.momentum)", True,
-                      _build_muon, _prepare_muon),
-    )
-}  # fmt: skip
+_REGISTRY = (
+    OptimizerSpec(
+        name="gd",
+        description="full-batch gradient descent (torch SGD, no momentum; the loop feeds the whole set)",
+        native_decoupled_decay=False,
+        build=_torch(_SGD, fixed={"momentum": 0.0, "nesterov": False}),
+    ),
+    OptimizerSpec(
+        name="sgd",
+        description="stochastic gradient descent (torch SGD, no momentum)",
+        native_decoupled_decay=False,
+        build=_torch(_SGD, fixed={"momentum": 0.0, "nesterov": False}),
+    ),
+    OptimizerSpec(
+        name="momentum",
+        description="SGD with momentum: classic (torch SGD) or ema (v = βv + (1-β)g)",
+        native_decoupled_decay=False,
+        build=_build_momentum,
+    ),
+    OptimizerSpec(
+        name="nesterov",
+        description="SGD with Nesterov momentum (torch SGD nesterov=True)",
+        native_decoupled_decay=False,
+        build=_torch(_SGD, {"momentum": "momentum"}, {"nesterov": True}),
+    ),
+    OptimizerSpec(
+        name="adagrad",
+        description="AdaGrad (torch Adagrad, eps=optim.eps)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.Adagrad, {"eps": "eps"}),
+    ),
+    OptimizerSpec(
+        name="rmsprop",
+        description="RMSprop (torch RMSprop, alpha=optim.alpha, eps=optim.eps)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.RMSprop, {"alpha": "alpha", "eps": "eps"}),
+    ),
+    OptimizerSpec(
+        name="adam",
+        description="Adam (torch Adam); with regularize.weight_decay it is AdamW",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.Adam, _ADAM_ARGS),
+    ),
+    OptimizerSpec(
+        name="adamw",
+        description="AdamW (torch AdamW, its own decoupled weight decay)",
+        native_decoupled_decay=True,
+        build=_torch(torch.optim.AdamW, _ADAM_ARGS),
+    ),
+    OptimizerSpec(
+        name="adaptive",
+        description="gradient descent with lr / (1 + β Σ‖g‖²), β = optim.adaptive_beta",
+        native_decoupled_decay=False,
+        build=_custom(AdaptiveLR, "beta", "adaptive_beta"),
+    ),
+    OptimizerSpec(
+        name="nadam",
+        description="Adam with Nesterov momentum (torch NAdam)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.NAdam, _ADAM_ARGS, after_load=_nadam_scalars_back),
+    ),
+    OptimizerSpec(
+        name="radam",
+        description="rectified Adam (torch RAdam)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.RAdam, _ADAM_ARGS),
+    ),
+    OptimizerSpec(
+        name="adamax",
+        description="Adam with the infinity norm (torch Adamax)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.Adamax, _ADAM_ARGS),
+    ),
+    OptimizerSpec(
+        name="adadelta",
+        description="Adadelta (torch Adadelta, eps=optim.eps; torch's default is 1e-6)",
+        native_decoupled_decay=False,
+        build=_torch(torch.optim.Adadelta, {"eps": "eps"}),
+    ),
+    OptimizerSpec(
+        name="adafactor",
+        description="Adafactor (torch Adafactor, factored second moments, own decoupled decay)",
+        native_decoupled_decay=True,
+        build=_torch(torch.optim.Adafactor),
+    ),
+    OptimizerSpec(
+        name="muon",
+        description="Muon on hidden weight matrices + AdamW on the rest (momentum=optim.momentum)",
+        native_decoupled_decay=True,
+        build=_build_muon,
+        prepare=_prepare_muon,
+    ),
+)
+OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _REGISTRY}
 
 
 def list_optimizers() -> list[OptimizerSpec]:

@@ -116,7 +116,7 @@ def _multiplier(name: str, patterns: dict[str, float]) -> tuple[str | None, floa
 def _check_patterns(patterns: dict[str, float], names: list[str]) -> None:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
-            sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise ConfigError(
                 f"optim.lr_multipliers: pattern {pattern!r} matches no parameter (names look like: {sample})"
             )

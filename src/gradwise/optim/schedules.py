@@ -8,7 +8,12 @@ small state is checkpointed.
 
 A linear warmup of W steps, (step + 1) / W, goes in front of any schedule; the
 main schedule then runs over t = step − W of T' = total_steps − W steps (t is
-clipped to T'), with r = ``min_lr_ratio`` as its floor.
+clipped to T'), with r = ``min_lr_ratio`` as its floor. Step counts in the
+config (``step_size``, ``milestones``) count t, i.e. steps after the warmup.
+exponential/step/multistep are γ-powers floored at r (torch's, when r = 0);
+linear/cosine/polynomial reach r at t = T', one past the last step, as torch's
+LinearLR/CosineAnnealingLR/PolynomialLR do; onecycle is torch's OneCycleLR curve
+with its momentum cycling left out (the optimizer's own momentum is kept).
 """
 
 from __future__ import annotations

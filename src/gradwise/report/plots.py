@@ -317,8 +317,8 @@ def _series(lines: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ema_beta(n: int) -> float:
-    # a window of ~n/10 steps: smooth enough to read the trend, short enough to keep its shape
-    return min(0.98, max(0.0, 1.0 - 10.0 / max(n, 1)))
+    # a window of ~n/50 steps: smooth enough to read the trend, short enough not to lag behind a fast drop
+    return min(0.98, max(0.0, 1.0 - 50.0 / max(n, 1)))
 
 
 def _ema(values: np.ndarray, beta: float) -> np.ndarray:

@@ -25,6 +25,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def parameter_dtype(precision: str) -> torch.dtype:
+    """Weights stay fp32 under bf16 autocast; fp64 is for exact numerical comparisons."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Move a batch to the device; floating tensors (inputs, regression targets) take the weights' dtype."""
+    if tensor.is_floating_point():
+        return tensor.to(device, dtype=dtype, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """bf16 autocast for the forward pass when asked; a no-op in fp32.

@@ -9,7 +9,7 @@ from torch import nn
 
 from gradwise.data import Split
 from gradwise.tasks import Task
-from gradwise.train.device import autocast
+from gradwise.train.device import autocast, to_device
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     meter = task.new_meter()
+    dtype = next(model.parameters()).dtype
     for start in range(0, len(split.y), batch_size):
-        x = split.x[start : start + batch_size].to(device, non_blocking=True)
-        y = split.y[start : start + batch_size].to(device, non_blocking=True)
+        x = to_device(split.x[start : start + batch_size], device, dtype)
+        y = to_device(split.y[start : start + batch_size], device, dtype)
         with autocast(device, precision):
             outputs = model(x)
-        meter.update(outputs.float(), y)
+        meter.update(outputs.to(dtype), y)
     model.train(was_training)
     metrics = {f"{name}_{key}": float(value) for key, value in meter.compute().items()}
     return Evaluation(metrics=metrics, confusion=meter.confusion())

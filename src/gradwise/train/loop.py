@@ -34,7 +34,7 @@ from gradwise.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from gradwise.train.device import autocast
+from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
 from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
@@ -71,7 +71,7 @@ def fit(
 
     Args:
         cfg: The validated run config.
-        run_dir: The run directory; created by the caller.
+        run_dir: The run directory (created if missing).
         resume: Continue from ``run_dir/checkpoints/last``.
         stop_requested: Polled after every step; when it returns True the loop
             saves a checkpoint and ends the run as ``interrupted``. Ctrl-C and
@@ -82,11 +82,13 @@ def fit(
     if resume:
         _restore(parts, counters, run_dir)
     else:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
     log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
     ckpt_root = run_dir / "checkpoints"
-    x_train = parts.data.train.x.to(parts.device)
-    y_train = parts.data.train.y.to(parts.device)
+    dtype = parameter_dtype(cfg.precision)
+    x_train = to_device(parts.data.train.x, parts.device, dtype)
+    y_train = to_device(parts.data.train.y, parts.device, dtype)
     name = cfg.name or run_dir.name
     reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress)
     stop_reason, status = "budget reached", "completed"
@@ -101,8 +103,16 @@ def fit(
                 counters.step += 1
                 counters.examples += result.batch_size
                 step, epoch = counters.step, parts.sampler.progress
-                log.write({"kind": "train", "step": step, "epoch": round(epoch, 6), "examples": counters.examples,
-                           **asdict(result), "time": round(time.perf_counter() - started, 4)})
+                log.write(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "epoch": round(epoch, 6),
+                        "examples": counters.examples,
+                        **asdict(result),
+                        "time": round(time.perf_counter() - started, 4),
+                    }
+                )
                 reporter.step(step, result.loss, result.lr)
 
                 if _eval_due(cfg, epoch_ended, step, parts.total_steps):
@@ -121,8 +131,7 @@ def fit(
                     break
         except TrainingError as exc:
             log.flush()
-            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": str(exc),
-                                    "steps": counters.step})
+            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": str(exc), "steps": counters.step})
             raise
         finally:
             log.close()
@@ -148,13 +157,14 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
 
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=x.device)
+    loss_sum = torch.zeros((), device=x.device, dtype=x.dtype)
     for chunk in parts.plan.micro_batches(indices):
         with autocast(parts.device, cfg.precision):
             outputs = model(x[chunk])
         # Sum over the micro-batch divided by the whole step's size: the accumulated
         # gradient equals the large-batch gradient even when micro-batches are uneven.
-        loss = parts.task.loss_sum(outputs.float(), y[chunk]) / n
+        # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
+        loss = parts.task.loss_sum(outputs.to(x.dtype), y[chunk]) / n
         loss.backward()
         loss_sum += loss.detach()
     penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)
@@ -196,9 +206,21 @@ def _evaluate_and_checkpoint(
 ) -> None:
     result = _evaluate(parts, "val")
     value = result.metrics[parts.monitor]
-    log.write({"kind": "eval", "step": counters.step, "epoch": round(parts.sampler.progress, 6), "split": "val",
-               **result.metrics})
+    log.write(
+        {
+            "kind": "eval",
+            "step": counters.step,
+            "epoch": round(parts.sampler.progress, 6),
+            "split": "val",
+            **result.metrics,
+        }
+    )
     log.flush()
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"{parts.monitor} is {value} at step {counters.step} (epoch {parts.sampler.progress:.2f}); "
+            "training diverged and the last checkpoint is kept — lower optim.lr or set regularize.clip_grad_norm"
+        )
     parts.schedule.on_eval(value)
     improved = parts.stopper.update(value, counters.step)
     counters.last_eval_step = counters.step
@@ -210,8 +232,7 @@ def _evaluate_and_checkpoint(
 
 def _evaluate(parts: RunParts, split: str) -> Evaluation:
     data = getattr(parts.data, split)
-    return evaluate(parts.model, parts.task, data, split, parts.cfg.eval.batch_size, parts.device,
-                    parts.cfg.precision)
+    return evaluate(parts.model, parts.task, data, split, parts.cfg.eval.batch_size, parts.device, parts.cfg.precision)
 
 
 def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
@@ -291,8 +312,11 @@ def _finish(
     }
     confusion = (test or val).confusion
     if confusion is not None:
-        summary["confusion_matrix"] = {"split": "test" if test else "val", "labels": info.class_names,
-                                       "matrix": confusion}
+        summary["confusion_matrix"] = {
+            "split": "test" if test else "val",
+            "labels": info.class_names,
+            "matrix": confusion,
+        }
     write_summary(run_dir, summary)
     if cfg.log.plots:
         _write_plots(run_dir)

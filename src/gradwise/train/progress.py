@@ -56,7 +56,7 @@ class ProgressReporter:
     def note(self, message: str) -> None:
         """Print a line above the bar (evaluations, checkpoints, stops)."""
         if self.enabled:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def finish(self, step: int) -> None:
         if self._progress is not None:

@@ -14,7 +14,7 @@ from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
 from gradwise.tasks import Task, build_task
 from gradwise.train.batching import BatchPlan, EpochSampler
-from gradwise.train.device import resolve_device
+from gradwise.train.device import parameter_dtype, resolve_device, to_device
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
 
@@ -47,7 +47,7 @@ def build_model_and_data(cfg: RunConfig) -> tuple[Dataset, nn.Module, Task, torc
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, cfg.task.kind, cfg.seed)
-    model = build_model(cfg.model, data.info).to(device)
+    model = build_model(cfg.model, data.info).to(device, dtype=parameter_dtype(cfg.precision))
     task = build_task(cfg.task, data.info)
     return data, model, task, device
 
@@ -93,7 +93,8 @@ def _resolve_monitor(cfg: RunConfig, task: Task, model: nn.Module, data: Dataset
     meter = task.new_meter()
     was_training = model.training
     model.eval()
-    meter.update(model(data.val.x[:2].to(device)).float(), data.val.y[:2].to(device))
+    dtype = parameter_dtype(cfg.precision)
+    meter.update(model(to_device(data.val.x[:2], device, dtype)).float(), to_device(data.val.y[:2], device, dtype))
     model.train(was_training)
     available = [f"val_{name}" for name in meter.compute()]
     if monitor not in available:

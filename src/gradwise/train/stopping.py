@@ -45,9 +45,7 @@ class EarlyStopping:
             self.best, self.best_step, self.bad_evals = value, step, 0
             return True
         self.bad_evals += 1
-        if not math.isfinite(value):
-            self.stop_reason = f"{self.monitor} is {value} at step {step}"
-        elif self.patience is not None and self.bad_evals >= self.patience:
+        if self.patience is not None and self.bad_evals >= self.patience:
             self.stop_reason = (
                 f"early stop: {self.monitor} did not improve for {self.bad_evals} evaluations "
                 f"(best {self.best:.6g} at step {self.best_step})"
@@ -59,8 +57,12 @@ class EarlyStopping:
         return self.stop_reason is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "stop_reason": self.stop_reason}
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stop_reason": self.stop_reason,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]

@@ -1,0 +1,80 @@
+"""A small convolutional network over flat features that are really an image."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from gradwise.models.mlp import Activation, Norm, make_activation
+
+
+class CNN(nn.Module):
+    """Conv blocks, then an optional hidden Linear, then the output Linear ``head``.
+
+    The flat input ``(N, C·H·W)`` is reshaped to ``image_shape``. Each block is
+    Conv2d (``kernel_size``, "same" padding) → norm → activation → MaxPool2d(2),
+    the pooling only while the image is still at least 2 pixels on each side.
+    Then flatten → dropout (if > 0) → Linear(``hidden``) → activation (if
+    ``hidden`` is set) → ``head``.
+
+    Args:
+        image_shape: ``(C, H, W)`` of one example.
+        channels: Output channels of each conv block.
+        n_outputs: Output width.
+        kernel_size: Conv kernel side.
+        hidden: Width of the hidden Linear after the convolutions, or None for none.
+        activation: Nonlinearity name.
+        norm: ``batch`` (BatchNorm2d), ``layer`` (GroupNorm with one group, i.e. LayerNorm over C, H, W) or ``none``.
+        dropout: Dropout probability before the fully connected layers.
+
+    References:
+        LeCun et al. 1998, "Gradient-Based Learning Applied to Document Recognition".
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        channels: list[int],
+        n_outputs: int,
+        kernel_size: int = 3,
+        hidden: int | None = None,
+        activation: Activation = "relu",
+        norm: Norm = "none",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        in_channels, height, width = image_shape
+        blocks: list[nn.Module] = []
+        for out_channels in channels:
+            layers: OrderedDict[str, nn.Module] = OrderedDict(
+                conv=nn.Conv2d(in_channels, out_channels, kernel_size, padding="same")
+            )
+            if norm == "batch":
+                layers["norm"] = nn.BatchNorm2d(out_channels)
+            elif norm == "layer":
+                layers["norm"] = nn.GroupNorm(1, out_channels)
+            layers["act"] = make_activation(activation)
+            if min(height, width) >= 2:
+                layers["pool"] = nn.MaxPool2d(2)
+                height, width = height // 2, width // 2
+            blocks.append(nn.Sequential(layers))
+            in_channels = out_channels
+        self.features = nn.Sequential(*blocks)
+        self.flat_size = in_channels * height * width
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        fc: OrderedDict[str, nn.Module] = OrderedDict()
+        width_in = self.flat_size
+        if hidden is not None:
+            fc["linear"] = nn.Linear(width_in, hidden)
+            fc["act"] = make_activation(activation)
+            width_in = hidden
+        self.hidden = nn.Sequential(fc)
+        self.head = nn.Linear(width_in, n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.reshape(x.shape[0], *self.image_shape)
+        z = self.features(images).flatten(1)
+        return self.head(self.hidden(self.dropout(z)))

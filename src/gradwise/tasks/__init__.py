@@ -1,0 +1,68 @@
+"""Tasks: the loss a model trains on and the metrics it is scored by, per kind of target."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from torch import Tensor
+
+from gradwise.config import TaskConfig
+from gradwise.data.types import DataInfo
+from gradwise.errors import ConfigError
+from gradwise.tasks.classification import ClassificationMeter, ClassificationTask
+from gradwise.tasks.regression import RegressionMeter, RegressionTask
+
+__all__ = [
+    "ClassificationMeter",
+    "ClassificationTask",
+    "MetricMeter",
+    "RegressionMeter",
+    "RegressionTask",
+    "Task",
+    "build_task",
+]
+
+
+class MetricMeter(Protocol):
+    """Running sufficient statistics of a split's metrics; ranks combine by summing :meth:`stats`."""
+
+    def update(self, outputs: Tensor, targets: Tensor) -> None: ...
+    def stats(self) -> Tensor: ...
+    def load_stats(self, t: Tensor) -> None: ...
+    def compute(self) -> dict[str, float]: ...
+    def confusion(self) -> list[list[int]] | None: ...
+
+
+class Task(Protocol):
+    """A loss (mean and summed over a batch), a meter factory and the metric to monitor by default."""
+
+    kind: Literal["classification", "regression"]
+    loss_name: str
+    default_monitor: str
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
+    def loss_sum(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
+    def new_meter(self) -> MetricMeter: ...
+
+
+def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
+    """The task ``cfg`` describes, checked against the data.
+
+    Raises:
+        ConfigError: ``task.kind`` or ``task.loss`` does not fit the data's kind.
+    """
+    label = info.name or info.source
+    if cfg.kind != "auto" and cfg.kind != info.kind:
+        raise ConfigError(
+            f"task.kind {cfg.kind!r} does not match the data: {label!r} is a {info.kind} dataset "
+            f"(use task.kind=auto or {info.kind})"
+        )
+    if info.kind == "classification":
+        if cfg.loss not in ("auto", "cross_entropy"):
+            raise ConfigError(f"task.loss {cfg.loss!r} needs regression data; {label!r} is a classification dataset")
+        return ClassificationTask(info.n_outputs, cfg.label_smoothing)
+    if cfg.loss == "cross_entropy":
+        raise ConfigError(f"task.loss 'cross_entropy' needs classification data; {label!r} is a regression dataset")
+    if cfg.label_smoothing > 0:
+        raise ConfigError("task.label_smoothing only applies to classification; set it to 0 for regression")
+    return RegressionTask("mse" if cfg.loss == "auto" else cfg.loss, cfg.huber_delta)
