@@ -276,9 +276,16 @@ class EvalConfig(Section):
 
 
 class CheckpointConfig(Section):
-    """Checkpoints: ``last`` at every evaluation (or every N steps), ``best`` by ``stop.monitor``."""
+    """Checkpoints: ``last`` for resuming, ``best`` (by ``stop.monitor``) for evaluation.
+
+    ``last`` is written at an evaluation when ``min_interval_s`` seconds have
+    passed since the previous write (0 = at every evaluation), every
+    ``every_steps`` steps when set, and always when the run ends or is
+    interrupted.
+    """
 
     every_steps: PositiveInt | None = None
+    min_interval_s: NonNegFloat = 30.0
     keep_best: bool = True
 
 

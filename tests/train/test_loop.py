@@ -129,6 +129,7 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_run(tmp_path: Path):
         data={"name": "diabetes"},
         task={"kind": "regression"},
         eval={"every_steps": 1},
+        checkpoint={"min_interval_s": 0},
         stop={"epochs": 5},
     )
     with pytest.raises(TrainingError) as info:

@@ -32,10 +32,10 @@ from gradwise.train.checkpoint import (
     load_training_state,
     load_weights_into,
     resolve_checkpoint,
-    save_checkpoint,
 )
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
+from gradwise.train.keeper import CheckpointKeeper
 from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
@@ -49,7 +49,6 @@ class Counters:
     step: int = 0
     examples: int = 0
     elapsed_s: float = 0.0
-    last_eval_step: int = -1
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,10 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
     log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
-    ckpt_root = run_dir / "checkpoints"
+    keeper = CheckpointKeeper(
+        run_dir / "checkpoints", cfg.checkpoint, parts.model, lambda: _training_state(parts, counters)
+    )
+    keeper.saved_step = counters.step if resume else -1
     dtype = parameter_dtype(cfg.precision)
     x_train = to_device(parts.data.train.x, parts.device, dtype)
     y_train = to_device(parts.data.train.y, parts.device, dtype)
@@ -96,6 +98,7 @@ def fit(
         stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
     started = time.perf_counter() - counters.elapsed_s
 
+    parts.model.train()  # evaluation restores the mode it found
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
@@ -109,26 +112,24 @@ def fit(
                         "step": step,
                         "epoch": round(epoch, 6),
                         "examples": counters.examples,
-                        **asdict(result),
+                        **vars(result),
                         "time": round(time.perf_counter() - started, 4),
                     }
                 )
                 reporter.step(step, result.loss, result.lr)
 
+                counters.elapsed_s = time.perf_counter() - started
                 if _eval_due(cfg, epoch_ended, step, parts.total_steps):
-                    counters.elapsed_s = time.perf_counter() - started
-                    _evaluate_and_checkpoint(parts, counters, log, reporter, ckpt_root)
-                elif cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    counters.elapsed_s = time.perf_counter() - started
-                    _save(parts, counters, ckpt_root, ["last"])
+                    improved = _evaluate(parts, counters, log, reporter)
+                    keeper.after_eval(step, improved)
+                keeper.after_step(step)
                 if parts.stopper.should_stop:
                     stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
                     break
                 if interrupted() or (stop_requested is not None and stop_requested()):
-                    counters.elapsed_s = time.perf_counter() - started
-                    _save(parts, counters, ckpt_root, ["last"])
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
+            keeper.save(counters.step)
         except TrainingError as exc:
             log.flush()
             write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": str(exc), "steps": counters.step})
@@ -155,7 +156,6 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor
 
-    model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=x.device, dtype=x.dtype)
     for chunk in parts.plan.micro_batches(indices):
@@ -177,17 +177,20 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
             f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f}); "
             "the last checkpoint is kept — lower optim.lr or set regularize.clip_grad_norm"
         )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = None
     if cfg.regularize.clip_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.regularize.clip_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm))
     if parts.noise is not None:
         # After clipping, so the injected variance is exactly the scheduled one.
-        parts.noise.add_(params, step)
+        parts.noise.add_(_parameters(optimizer), step)
     apply_decoupled_weight_decay(optimizer)
     optimizer.step()
     result = StepResult(loss=loss_value, lr=optimizer.param_groups[0]["lr"], batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
+
+
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) -> bool:
@@ -201,10 +204,9 @@ def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) ->
 # --------------------------------------------------------------------------- evaluation and checkpoints
 
 
-def _evaluate_and_checkpoint(
-    parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter, ckpt_root: Path
-) -> None:
-    result = _evaluate(parts, "val")
+def _evaluate(parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter) -> bool:
+    """Evaluate on the validation split, log it, feed the schedule and the stopper; True on a new best."""
+    result = _evaluate_split(parts, "val")
     value = result.metrics[parts.monitor]
     log.write(
         {
@@ -223,14 +225,12 @@ def _evaluate_and_checkpoint(
         )
     parts.schedule.on_eval(value)
     improved = parts.stopper.update(value, counters.step)
-    counters.last_eval_step = counters.step
-    tags = ["last", "best"] if improved and parts.cfg.checkpoint.keep_best else ["last"]
-    _save(parts, counters, ckpt_root, tags)
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
+    return improved
 
 
-def _evaluate(parts: RunParts, split: str) -> Evaluation:
+def _evaluate_split(parts: RunParts, split: str) -> Evaluation:
     data = getattr(parts.data, split)
     return evaluate(parts.model, parts.task, data, split, parts.cfg.eval.batch_size, parts.device, parts.cfg.precision)
 
@@ -245,10 +245,6 @@ def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
         "noise": parts.noise.state_dict() if parts.noise is not None else None,
         "rng": capture_rng(),
     }
-
-
-def _save(parts: RunParts, counters: Counters, ckpt_root: Path, tags: list[str]) -> None:
-    save_checkpoint(ckpt_root, counters.step, parts.model.state_dict(), _training_state(parts, counters), tags)
 
 
 def _restore(parts: RunParts, counters: Counters, run_dir: Path) -> None:
@@ -281,10 +277,10 @@ def _finish(
         best = resolve_checkpoint(run_dir, "best")
         load_weights_into(parts.model, load_model_state(best), best)
         weights = "best"
-    val, test = _evaluate(parts, "val"), None
+    val, test = _evaluate_split(parts, "val"), None
     final = dict(val.metrics)
     if len(parts.data.test.y):
-        test = _evaluate(parts, "test")
+        test = _evaluate_split(parts, "test")
         final.update(test.metrics)
     info = parts.data.info
     summary: dict[str, Any] = {
