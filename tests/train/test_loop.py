@@ -183,3 +183,46 @@ def test_variants_train_each_and_compare(tmp_path: Path):
     assert [row["variant"] for row in table] == ["sgd", "adam"]
     assert json.loads((parent / "sgd" / "summary.json").read_text())["optimizer"] == "sgd"
     assert (parent / "comparison.png").stat().st_size > 1000
+
+
+def test_bf16_autocast_trains_as_well_as_fp32(tmp_path: Path):
+    common = {"optim": {"name": "adam", "lr": 0.003}, "stop": {"epochs": 6}}
+    fp32 = fit(config(**common), tmp_path / "fp32")
+    summary = fit(config(precision="bf16", **common), tmp_path / "r")
+    assert summary["final"]["test_accuracy"] >= fp32["final"]["test_accuracy"] - 0.03
+    assert summary["final"]["test_accuracy"] >= 0.85
+    weights = final_weights(tmp_path / "r")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # autocast, not a bf16 model
+
+
+def test_deterministic_mode_gives_identical_runs(tmp_path: Path):
+    cfg = config(deterministic=True, model={"name": "mlp", "hidden": [32], "dropout": 0.3})
+    fit(cfg, tmp_path / "a")
+    fit(cfg, tmp_path / "b")
+    assert torch.are_deterministic_algorithms_enabled()
+    fit(config(), tmp_path / "c")
+    assert not torch.are_deterministic_algorithms_enabled()  # the global flag follows each run's config
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_noise_is_seeded_and_changes_the_trajectory(tmp_path: Path):
+    noisy = config(noise={"eta": 0.05, "gamma": 0.55}, stop={"max_steps": 10, "epochs": None})
+    fit(noisy, tmp_path / "a")
+    fit(noisy, tmp_path / "b")
+    fit(config(stop={"max_steps": 10, "epochs": None}), tmp_path / "quiet")
+    a, b, quiet = (final_weights(tmp_path / n) for n in ("a", "b", "quiet"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], quiet[k]) for k in a)
+
+
+def test_checkpoint_interval_defers_best_but_keeps_it_consistent(tmp_path: Path):
+    cfg = config(checkpoint={"min_interval_s": 1e9}, stop={"epochs": 4})
+    summary = fit(cfg, tmp_path / "r")
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert {p.name for p in ckpts.iterdir() if p.is_symlink()} == {"last", "best"}
+    from gradwise.experiments.evaluation import evaluate_run
+
+    best = evaluate_run(tmp_path / "r", checkpoint="best", split="val")
+    assert best.metrics["val_accuracy"] == pytest.approx(summary["best"]["value"])
+    assert load_training_state(ckpts / "last")["counters"]["step"] == summary["steps"]
