@@ -77,7 +77,7 @@ def test_named_run_and_refusing_to_overwrite(tmp_path: Path, capsys, monkeypatch
         (["train", "no-such-recipe"], "recipe no-such-recipe: no such file, and no bundled recipe"),
         (["train", "digits-mlp", "stop.monitor=val_acc"], "stop.monitor: got 'val_acc'; available: val_loss"),
         (["eval", "does/not/exist"], "not a run directory"),
-        (["resume", "does/not/exist"], "does/not/exist/config.yaml: file not found"),
+        (["resume", "does/not/exist"], "does/not/exist: not a run directory"),
         (["recipes", "copy", "nope", "x.yaml"], "no bundled recipe 'nope'"),
     ],
 )

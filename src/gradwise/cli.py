@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from gradwise.errors import GradwiseError
+from gradwise.errors import GradwiseError, GradwiseWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -90,8 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    if issubclass(category, GradwiseWarning):
+        return f"gradwise: warning: {message}\n"
+    return _default_format(message, category, *args, **kwargs)
+
+
+_default_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return _COMMANDS[args.command](args)
     except GradwiseError as exc:
@@ -132,10 +143,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
+    from gradwise.errors import CheckpointError
     from gradwise.experiments.rundir import CONFIG_FILE, check_resumable
     from gradwise.train.loop import fit
 
     saved = args.run_dir / CONFIG_FILE
+    if not saved.exists():
+        raise CheckpointError(f"{args.run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
     check_resumable(args.run_dir, cfg)
     return _report_run(args.run_dir, fit(cfg, args.run_dir, resume=True))

@@ -27,3 +27,7 @@ class CheckpointError(GradwiseError):
 
 class TrainingError(GradwiseError):
     """Training cannot go on (e.g. the loss became NaN); the message says where."""
+
+
+class GradwiseWarning(UserWarning):
+    """Something legal but probably unintended (a decay that never fires); shown as one line."""

@@ -327,3 +327,15 @@ def test_every_optimizer_lowers_a_regression_loss(name):
         apply_decoupled_weight_decay(opt)
         opt.step()
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_settings_torch_rejects_are_config_errors():
+
+    with pytest.raises(ConfigError, match=r"optim: torch\.optim\.SGD rejected"):
+        build_optimizer(nn.Linear(3, 2), OptimConfig(name="nesterov", momentum=0.0), 0.0)
+
+
+def test_muon_without_hidden_matrices_is_refused():
+
+    with pytest.raises(ConfigError, match="no hidden 2-D weight matrices"):
+        build_optimizer(nn.Linear(3, 2), OptimConfig(name="muon"), 0.0)

@@ -95,3 +95,11 @@ def test_micro_batches_partition_the_step():
     assert [len(c) for c in chunks] == [4, 3, 3]
     assert torch.cat(chunks).tolist() == list(range(10))
     assert len(plan.micro_batches(torch.arange(2))) == 2  # never an empty micro-batch
+
+
+def test_smallest_micro_batch_counts_epoch_tails_and_accumulation():
+    assert BatchPlan(BatchConfig(size=4), n_train=1257).smallest_micro_batch(1000) == 1  # 1257 = 314·4 + 1
+    assert BatchPlan(BatchConfig(size=32), n_train=280).smallest_micro_batch(1000) == 24
+    assert BatchPlan(BatchConfig(size=32, accumulate=4), n_train=280).smallest_micro_batch(1000) == 6
+    ramp = BatchPlan(BatchConfig(size=64, ramp={"start": 2, "steps": 10}), n_train=1000)
+    assert ramp.smallest_micro_batch(50) == 2

@@ -77,6 +77,8 @@ def detect_format(path: Path, fmt: str) -> str:
     """
     if fmt != "auto":
         return fmt
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
     suffix = _base_suffix(path)
     if suffix not in _SUFFIX_FORMATS:
         raise DataError(

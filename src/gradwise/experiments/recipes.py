@@ -33,13 +33,17 @@ def list_recipes() -> list[Recipe]:
 
 
 def find_recipe(arg: str) -> Path:
-    """``arg`` as a file path, else as the name of a bundled recipe."""
+    """``arg`` as a file path, else (a bare name, no suffix or slash) as the name of a bundled recipe."""
     path = Path(arg)
     if path.exists():
+        if path.is_dir():
+            raise ConfigError(f"recipe {arg}: is a directory, not a YAML file")
         return path
-    bundled = recipes_dir() / f"{arg.removesuffix('.yaml')}.yaml"
-    if bundled.exists():
+    bundled = recipes_dir() / f"{arg}.yaml"
+    if "/" not in arg and not path.suffix and bundled.exists():
         return bundled
+    if path.suffix or "/" in arg:  # a path with a typo must not silently fall back to a bundled recipe
+        raise ConfigError(f"recipe {arg}: file not found")
     names = ", ".join(r.name for r in list_recipes())
     raise ConfigError(f"recipe {arg}: no such file, and no bundled recipe of that name (bundled: {names})")
 

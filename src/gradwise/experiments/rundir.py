@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -101,6 +102,11 @@ class MetricsLog:
 
     def flush(self) -> None:
         self._handle.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: every line written so far survives a crash."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
 
     def close(self) -> None:
         self._handle.close()

@@ -99,9 +99,10 @@ def _construct(
     try:
         return cls(groups, **kwargs)
     except (TypeError, ValueError) as exc:
-        if not extra:
-            raise
-        raise ConfigError(f"optim.extra: {_class_path(cls)} rejected {dict(extra)}: {exc}") from None
+        if extra:
+            raise ConfigError(f"optim.extra: {_class_path(cls)} rejected {dict(extra)}: {exc}") from None
+        shown = {k: v for k, v in kwargs.items() if k != "lr"}
+        raise ConfigError(f"optim: {_class_path(cls)} rejected {shown}: {exc}") from None
 
 
 def _torch(
@@ -175,9 +176,11 @@ def _prepare_muon(model: nn.Module, groups: Groups) -> Groups:
 
 
 def _build_muon(groups: Groups, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if any("use_muon" not in g for g in groups):
-        # Called without the model: every 2-D parameter is taken as hidden.
-        groups = split_for_muon(groups, lambda p: p.ndim == 2)
+    if not any(g["use_muon"] for g in groups):
+        raise ConfigError(
+            "optim.name 'muon': the model has no hidden 2-D weight matrices for Muon (everything would run on "
+            "AdamW); use optim.name=adamw or a model with at least two hidden layers"
+        )
     # Moonshot's RMS matching lets Muon share AdamW's lr and weight decay; extra.adjust_lr_fn overrides.
     muon_kwargs = _merge_extra(
         torch.optim.Muon,
@@ -189,9 +192,8 @@ def _build_muon(groups: Groups, cfg: OptimConfig) -> torch.optim.Optimizer:
     try:
         return MuonWithAdamW(groups, cfg.lr, muon_kwargs, adamw_kwargs)
     except (TypeError, ValueError) as exc:
-        if not cfg.extra:
-            raise
-        raise ConfigError(f"optim.extra: torch.optim.Muon rejected {dict(cfg.extra)}: {exc}") from None
+        where = "optim.extra" if cfg.extra else "optim"
+        raise ConfigError(f"{where}: torch.optim.Muon rejected the settings: {exc}") from None
 
 
 # --------------------------------------------------------------------------- registry

@@ -10,6 +10,7 @@ scales when the batch size changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -121,12 +122,26 @@ class BatchPlan:
             total = self._simulate(epochs, max_steps)
         return total if max_steps is None else min(total, max_steps)
 
+    def smallest_micro_batch(self, total_steps: int) -> int:
+        """The fewest examples any micro-batch of the run will hold (epoch tails included)."""
+        if self.cfg.ramp is None and not self._epoch_table:
+            size = self.size(0, 0)
+            smallest = min(size, self.n_train % size or size)
+        else:
+            smallest = min(self._walk(total_steps))
+        return smallest // min(self.cfg.accumulate, smallest)
+
     def _simulate(self, epochs: int, max_steps: int | None) -> int:
         # A batch-size schedule changes steps per epoch; count them the way the loop takes them.
+        return sum(1 for _ in self._walk(max_steps, epochs))
+
+    def _walk(self, max_steps: int | None, epochs: int | None = None) -> Iterator[int]:
+        """The batch sizes the loop will take, step by step, as the sampler cuts them."""
         step = epoch = cursor = 0
-        while epoch < epochs and (max_steps is None or step < max_steps):
-            cursor += self.size(step, epoch)
+        while (epochs is None or epoch < epochs) and (max_steps is None or step < max_steps):
+            taken = min(self.size(step, epoch), self.n_train - cursor)
+            yield taken
+            cursor += taken
             step += 1
             if cursor >= self.n_train:
                 epoch, cursor = epoch + 1, 0
-        return step

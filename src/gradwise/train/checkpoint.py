@@ -2,9 +2,10 @@
 
 Layout under ``runs/<name>/checkpoints/``::
 
-    step-00000120/  model.safetensors  state.safetensors  state.json
+    step-00000120/     model.safetensors  state.safetensors  state.json
+    weights-00000100/  model.safetensors  (a best kept between two full writes)
     last -> step-00000120      (symlinks, replaced atomically)
-    best -> step-00000100
+    best -> weights-00000100
 
 A step directory is written under a temporary name, every file fsynced, then
 renamed into place; only then is the ``last``/``best`` link swapped with
@@ -110,14 +111,25 @@ def _point_link(link: Path, target_name: str) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any], tags: list[str]
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tags: list[str],
+    *,
+    weights_only: bool = False,
 ) -> Path:
-    """Write the checkpoint of ``step`` (once) and point each tag (``last``, ``best``) at it."""
+    """Write the checkpoint of ``step`` (once) and point each tag (``last``, ``best``) at it.
+
+    A ``weights_only`` checkpoint lives under its own name, so a full checkpoint
+    of the same step can never be mistaken for it (``last`` must always hold
+    the whole training state).
+    """
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
+    name = f"{'weights' if weights_only else 'step'}-{step:08d}"
     final = root / name
     if not (final / STATE_FILE).exists():
-        tmp = root / f".tmp-{name}-{os.getpid()}"
+        tmp = root / f".tmp-{name}-{os.getpid()}"  # pruned by a later save if this process dies
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         tensors: dict[str, torch.Tensor] = {}
@@ -144,7 +156,7 @@ def _prune(root: Path) -> None:
     for child in root.iterdir():
         if child.is_symlink() or child.name in keep:
             continue
-        if child.name.startswith(("step-", ".tmp-step-")) and child.is_dir():
+        if child.name.startswith(("step-", "weights-", ".tmp-")) and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
 
 

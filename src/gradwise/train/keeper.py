@@ -3,15 +3,17 @@
 Writing a full checkpoint (weights, optimizer, RNGs; fsynced) at every
 evaluation costs more than the training itself when epochs are short. The
 keeper writes ``last`` at an evaluation only when ``checkpoint.min_interval_s``
-has passed since the previous write, and always every ``checkpoint.every_steps``
-steps and when the run ends or is interrupted. A new best between two writes
-is kept in memory (a copy of the weights) and written beside the next
-``last``, so the files on disk always form a consistent pair: after a crash,
-resuming from ``last`` replays the same steps and finds the same best again.
+has passed since the previous write (the first evaluation always writes),
+and always every ``checkpoint.every_steps`` steps and when the run ends or is
+interrupted. A new best between two writes is kept in memory (a CPU copy of
+the weights) and written beside the next ``last``, so the files on disk
+always form a consistent pair: after a crash, resuming from ``last`` replays
+the same steps and finds the same best again.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,21 +36,32 @@ class CheckpointKeeper:
         cfg: The checkpoint section of the config.
         model: The model whose weights are saved.
         training_state: Returns the full training state at the moment of a write.
+        before_write: Called before every write, e.g. to make the metrics log
+            durable up to the checkpoint's step (resume cuts the log back to it).
     """
 
-    def __init__(self, root: Path, cfg: CheckpointConfig, model: nn.Module, training_state: Snapshot) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        model: nn.Module,
+        training_state: Snapshot,
+        before_write: Callable[[], None] = lambda: None,
+    ) -> None:
         self.root = root
         self.cfg = cfg
         self.model = model
         self.training_state = training_state
+        self.before_write = before_write
         self.saved_step = -1
-        self._saved_at = time.monotonic()  # the first write waits for the interval too
+        self._saved_at = -math.inf
         self._pending_best: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def after_eval(self, step: int, improved: bool) -> None:
         """Remember a new best; write when the interval since the last write has passed."""
         if improved and self.cfg.keep_best:
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            # On the CPU: a pending best must not double the model's accelerator memory.
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             self._pending_best = (step, weights)
         if time.monotonic() - self._saved_at >= self.cfg.min_interval_s:
             self.save(step)
@@ -61,6 +74,7 @@ class CheckpointKeeper:
         """Write ``last`` at ``step`` (and a pending ``best``) unless that is already on disk."""
         if step == self.saved_step and self._pending_best is None:
             return
+        self.before_write()
         tags = ["last"]
         if self._pending_best is not None:
             best_step, weights = self._pending_best
@@ -68,7 +82,7 @@ class CheckpointKeeper:
                 tags.append("best")
             else:
                 # Weights only: `best` is for evaluation and restore-best; runs resume from `last`.
-                save_checkpoint(self.root, best_step, weights, {"counters": {"step": best_step}}, ["best"])
+                save_checkpoint(self.root, best_step, weights, {}, ["best"], weights_only=True)
             self._pending_best = None
         save_checkpoint(self.root, step, self.model.state_dict(), self.training_state(), tags)
         self.saved_step = step

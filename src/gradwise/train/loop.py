@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gradwise.config import RunConfig
-from gradwise.errors import TrainingError
+from gradwise.errors import CheckpointError, TrainingError
 from gradwise.experiments.rundir import MetricsLog, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
@@ -85,7 +85,11 @@ def fit(
         write_config(run_dir, cfg)
     log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
     keeper = CheckpointKeeper(
-        run_dir / "checkpoints", cfg.checkpoint, parts.model, lambda: _training_state(parts, counters)
+        run_dir / "checkpoints",
+        cfg.checkpoint,
+        parts.model,
+        training_state=lambda: _training_state(parts, counters),
+        before_write=log.sync,
     )
     keeper.saved_step = counters.step if resume else -1
     dtype = parameter_dtype(cfg.precision)
@@ -131,9 +135,15 @@ def fit(
                     break
             keeper.save(counters.step)
         except TrainingError as exc:
-            log.flush()
-            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": str(exc), "steps": counters.step})
-            raise
+            log.sync()
+            kept = (
+                f"checkpoint 'last' (step {keeper.saved_step}) is kept"
+                if keeper.saved_step >= 0
+                else "no checkpoint had been written yet"
+            )
+            message = f"{exc}; {kept} — lower optim.lr or set regularize.clip_grad_norm"
+            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step})
+            raise TrainingError(message) from None
         finally:
             log.close()
         reporter.finish(counters.step)
@@ -150,9 +160,11 @@ def fit(
 def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[StepResult, bool]:
     """Take the next batch, accumulate its gradient over micro-batches, and update the weights."""
     cfg, model, optimizer = parts.cfg, parts.model, parts.optimizer
-    indices, epoch_ended = parts.sampler.take(parts.plan.size(step, parts.sampler.epoch))
-    n = len(indices)
-    lr_factor = parts.schedule.multiplier(step) * parts.plan.lr_scale(n)
+    planned = parts.plan.size(step, parts.sampler.epoch)
+    indices, epoch_ended = parts.sampler.take(planned)
+    n = len(indices)  # fewer than planned at the end of an epoch
+    # Scaled by the planned size: the short last batch of an epoch is not a batch-size change.
+    lr_factor = parts.schedule.multiplier(step) * parts.plan.lr_scale(planned)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * lr_factor
 
@@ -173,10 +185,7 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
 
     loss_value = float(loss_sum)
     if not math.isfinite(loss_value):
-        raise TrainingError(
-            f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f}); "
-            "the last checkpoint is kept — lower optim.lr or set regularize.clip_grad_norm"
-        )
+        raise TrainingError(f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f})")
     grad_norm = None
     if cfg.regularize.clip_grad_norm is not None:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm))
@@ -185,7 +194,8 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
         parts.noise.add_(_parameters(optimizer), step)
     apply_decoupled_weight_decay(optimizer)
     optimizer.step()
-    result = StepResult(loss=loss_value, lr=optimizer.param_groups[0]["lr"], batch_size=n, grad_norm=grad_norm)
+    # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
+    result = StepResult(loss=loss_value, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
 
 
@@ -220,8 +230,8 @@ def _evaluate(parts: RunParts, counters: Counters, log: MetricsLog, reporter: Pr
     log.flush()
     if not math.isfinite(value):
         raise TrainingError(
-            f"{parts.monitor} is {value} at step {counters.step} (epoch {parts.sampler.progress:.2f}); "
-            "training diverged and the last checkpoint is kept — lower optim.lr or set regularize.clip_grad_norm"
+            f"{parts.monitor} is {value} at step {counters.step} "
+            f"(epoch {parts.sampler.progress:.2f}): training diverged"
         )
     parts.schedule.on_eval(value)
     improved = parts.stopper.update(value, counters.step)
@@ -252,6 +262,13 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path) -> None:
     ckpt = resolve_checkpoint(run_dir, "last")
     load_weights_into(parts.model, load_model_state(ckpt), ckpt)
     state = load_training_state(ckpt)
+    try:
+        _load_state(parts, counters, state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: training state does not match this run ({type(exc).__name__}: {exc})") from None
+
+
+def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> None:
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.schedule.load_state_dict(state["schedule"])
     parts.sampler.load_state_dict(state["sampler"])

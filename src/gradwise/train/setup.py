@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from gradwise.config import RunConfig, monitor_mode
 from gradwise.data import Dataset, load_dataset
-from gradwise.errors import ConfigError
+from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
 from gradwise.tasks import Task, build_task
@@ -61,6 +62,7 @@ def build_run(cfg: RunConfig) -> RunParts:
     n_train = len(data.train.y)
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
+    _check_plan(cfg, model, plan, total_steps)
     noise = (
         GradientNoise(cfg.noise.eta, cfg.noise.gamma, seed=cfg.seed + NOISE_SEED_OFFSET) if cfg.noise.eta > 0 else None
     )
@@ -100,3 +102,44 @@ def _resolve_monitor(cfg: RunConfig, task: Task, model: nn.Module, data: Dataset
     if monitor not in available:
         raise ConfigError(f"stop.monitor: got {monitor!r}; available: {', '.join(available)}")
     return monitor
+
+
+def _check_plan(cfg: RunConfig, model: nn.Module, plan: BatchPlan, total_steps: int) -> None:
+    """Refuse settings that would crash mid-run or silently do nothing over this run's length."""
+    sched = cfg.schedule
+    if sched.warmup_steps >= total_steps:
+        raise ConfigError(
+            f"schedule.warmup_steps: got {sched.warmup_steps}, but the run has only {total_steps} optimizer steps"
+        )
+    after_warmup = total_steps - sched.warmup_steps
+    # A decay that never fires is likely a shortened run (e.g. stop.epochs=1 for a smoke test): warn, don't refuse.
+    if sched.name == "multistep" and sched.milestones[0] >= after_warmup:
+        warnings.warn(
+            f"schedule.milestones: {sched.milestones[0]} is beyond the run's {after_warmup} steps after warmup; "
+            "the LR will never decay",
+            GradwiseWarning,
+            stacklevel=2,
+        )
+    if sched.name == "step" and sched.step_size is not None and sched.step_size >= after_warmup:
+        warnings.warn(
+            f"schedule.step_size: {sched.step_size} is not below the run's {after_warmup} steps after warmup; "
+            "the LR will never decay",
+            GradwiseWarning,
+            stacklevel=2,
+        )
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if batch_norm:
+        smallest = plan.smallest_micro_batch(total_steps)
+        if smallest < 2:
+            raise ConfigError(
+                f"model.norm 'batch' needs at least 2 examples per micro-batch, but batch.size={cfg.batch.size} "
+                f"with batch.accumulate={cfg.batch.accumulate} over {plan.n_train} training examples makes one of "
+                f"{smallest}; change batch.size or use model.norm=layer"
+            )
+        if cfg.batch.accumulate > 1:
+            warnings.warn(
+                "batch.accumulate with model.norm=batch: BatchNorm statistics are per micro-batch, so an "
+                "accumulated step is close to, not equal to, the large-batch step",
+                GradwiseWarning,
+                stacklevel=2,
+            )

@@ -1,22 +1,16 @@
 """The typed schema of a run: one pydantic section per concern.
 
-A recipe is YAML; ``key.path=value`` overrides are applied to the raw mapping
-before validation, so an override is checked exactly like the file. Every
-validation problem becomes one :class:`~gradwise.errors.ConfigError` line that
-names the field path, the value given and what is allowed.
+Every section forbids unknown keys; validators check what a single field
+cannot (a schedule's required parameter, full-batch GD's batch size).
+Loading, overrides and error messages live in :mod:`gradwise.config.loading`.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from gradwise.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Names shared with the registries in gradwise.optim; tests assert they agree.
 OptimizerName = Literal[
@@ -143,6 +137,12 @@ class OptimConfig(Section):
     lr_multipliers: dict[str, NonNegFloat] = {}
     no_decay_bias_norm: bool = True
     extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.momentum_form == "ema" and self.name != "momentum":
+            raise ValueError(f"optim.momentum_form 'ema' applies to optim.name 'momentum', not {self.name!r}")
+        return self
 
 
 class ScheduleConfig(Section):
@@ -330,158 +330,3 @@ class RunConfig(Section):
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse an override value as YAML ('0.1' → float, '[16, 32]' → list, 'none' → None)."""
-    if text.strip().lower() in ("none", "null", "~"):
-        return None
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        # YAML 1.1 reads "1e-3" as a string; users mean a number.
-        try:
-            return float(value) if not math.isnan(float(value)) else value
-        except ValueError:
-            return value
-    return value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``key.path=value`` applied (YAML-typed values)."""
-    result: dict[str, Any] = deep_copy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.path=value")
-        path, _, text = item.partition("=")
-        set_path(result, path.strip(), _parse_scalar(text))
-    return result
-
-
-def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``raw[a][b][c] = value`` for ``path`` 'a.b.c', creating sections as needed."""
-    keys = path.split(".")
-    if not all(keys):
-        raise ConfigError(f"override {path!r}: empty key in the path")
-    node = raw
-    for depth, key in enumerate(keys[:-1]):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {path}: {'.'.join(keys[: depth + 1])} is a value, not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def deep_copy(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [deep_copy(v) for v in raw]
-    return raw
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a recipe file into a mapping; a missing or malformed file is a ConfigError."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"recipe {path}: file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"recipe {path}{where}: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
-    return raw
-
-
-def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw mapping into a RunConfig, or raise one ConfigError line."""
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {describe_error(exc)}") from None
-
-
-def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe, apply overrides and validate it."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate(raw, source=str(path))
-
-
-def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML (enough to reproduce the run)."""
-    data = cfg.model_dump(mode="json", exclude={"resume"})
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-# --------------------------------------------------------------------------- messages
-
-_HINTS = {
-    "optim.weight_decay": "weight decay lives in regularize.weight_decay (decoupled) or regularize.l2 (coupled)",
-    "epochs": "the training budget lives in stop.epochs / stop.max_steps",
-    "lr": "the learning rate lives in optim.lr",
-    "batch_size": "the batch size lives in batch.size",
-}
-
-
-def describe_error(exc: ValidationError) -> str:
-    """Turn the first pydantic error into one line: path, value given, what is allowed."""
-    errors = exc.errors()
-    err = errors[0]
-    loc = _field_path(err["loc"])
-    path = ".".join(loc) or "(top level)"
-    kind = err["type"]
-    given = err.get("input")
-    if kind == "extra_forbidden":
-        parent = _section_at(loc[:-1])
-        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
-        hint = _HINTS.get(path) or _HINTS.get(loc[-1])
-        tail = f" ({hint})" if hint else ""
-        return f"{path}: unknown key; allowed keys: {allowed}{tail}"
-    if kind == "value_error":
-        return str(err.get("msg", "")).removeprefix("Value error, ")
-    # A union (e.g. an integer or 'full') fails once per member: list them all.
-    same = [e for e in errors if _field_path(e["loc"]) == loc]
-    allowed = " or ".join(dict.fromkeys(_allowed(e) for e in same))
-    return f"{path}: got {given!r}; expected {allowed}"
-
-
-def _field_path(loc: tuple[Any, ...]) -> list[str]:
-    # pydantic adds union-member tags such as 'constrained-int' or "literal['full']".
-    return [str(p) for p in loc if not re.search(r"[-\[(]", str(p)) and str(p) not in ("int", "float", "str")]
-
-
-def _allowed(err: Any) -> str:
-    if err["type"] == "literal_error":
-        return "one of " + str(err.get("ctx", {}).get("expected", ""))
-    return str(err["msg"]).lower().removeprefix("input should be ").removeprefix("value error, ")
-
-
-def _section_at(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for key in loc:
-        field = model.model_fields.get(key)
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *get_args(ann)]
-        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if sub is None:
-            return None
-        model = sub
-    return model
