@@ -172,3 +172,10 @@ def test_python_dash_m_and_sigkill_then_resume_is_bit_exact(tmp_path: Path):
     resumed = load_model_state(last)
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+    # The metrics log survives the kill too: every step exactly once, the same losses.
+    logs = {}
+    for name in ("whole", "killed"):
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        logs[name] = [json.loads(line) for line in lines if '"train"' in line]
+    assert [r["step"] for r in logs["killed"]] == list(range(1, len(logs["whole"]) + 1))
+    assert [r["loss"] for r in logs["killed"]] == [r["loss"] for r in logs["whole"]]

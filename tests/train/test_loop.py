@@ -53,30 +53,53 @@ def test_accumulated_step_equals_the_large_batch_step(tmp_path: Path, accumulate
     assert acc_losses == pytest.approx(big_losses, rel=1e-12)
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path: Path):
-    # Dropout, shuffling and gradient noise all draw random numbers: resume must restore every generator.
-    cfg = config(
-        model={"name": "mlp", "hidden": [32], "dropout": 0.2},
-        optim={"name": "adamw", "lr": 0.003},
-        regularize={"weight_decay": 0.01},
-        noise={"eta": 0.01},
-        schedule={"name": "cosine", "warmup_steps": 5},
-        eval={"every_steps": 7},
-        stop={"epochs": 3},
-    )
+RESUME_CASES = {
+    "adamw-cosine-noise-dropout": {
+        "model": {"name": "mlp", "hidden": [32], "dropout": 0.2},
+        "optim": {"name": "adamw", "lr": 0.003},
+        "regularize": {"weight_decay": 0.01},
+        "noise": {"eta": 0.01},
+        "schedule": {"name": "cosine", "warmup_steps": 5},
+    },
+    "ema-plateau-ramp-earlystop": {
+        "optim": {"name": "momentum", "momentum_form": "ema", "lr": 0.3},
+        "schedule": {"name": "plateau", "patience": 0, "factor": 0.5},
+        "batch": {"size": 48, "ramp": {"start": 8, "steps": 12}, "lr_scaling": "sqrt"},
+        "stop": {"epochs": 6, "patience": 2, "monitor": "val_loss"},
+    },
+    "muon-multipliers": {
+        "model": {"name": "mlp", "hidden": [32, 16]},
+        "optim": {"name": "muon", "lr": 0.01, "lr_multipliers": {"head.*": 0.5}},
+        "regularize": {"weight_decay": 0.01},
+    },
+    "adaptive-accumulate-l1-clip-batchnorm": {
+        "model": {"name": "mlp", "hidden": [32], "norm": "batch"},
+        "optim": {"name": "adaptive", "lr": 0.5, "adaptive_beta": 0.1},
+        "batch": {"size": 32, "accumulate": 2, "at_epochs": {1: 64}},
+        "regularize": {"l1": 1e-4, "clip_grad_norm": 1.0},
+        "schedule": {"name": "wsd", "warmup_steps": 3},
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, case: str):
+    # Dropout, shuffling and gradient noise draw random numbers; plateau, ramps and the stopper carry state:
+    # resume must restore all of it.
+    cfg = config(**{"eval": {"every_steps": 7}, "stop": {"epochs": 3}, **RESUME_CASES[case]})
     whole = fit(cfg, tmp_path / "whole")
     calls = {"n": 0}
 
     def stop_at_step_17() -> bool:
         calls["n"] += 1
-        return calls["n"] == 17  # training has 280 examples / 32 = 9 steps an epoch: step 17 is mid-epoch 2
+        return calls["n"] == 17  # mid-epoch for every case above
 
     first = fit(cfg, tmp_path / "split", stop_requested=stop_at_step_17)
     assert first["status"] == "interrupted" and first["steps"] == 17
     state = load_training_state(tmp_path / "split" / "checkpoints" / "last")
     assert 0 < state["sampler"]["cursor"]
     second = fit(cfg, tmp_path / "split", resume=True)
-    assert second["steps"] == whole["steps"]
+    assert (second["steps"], second["status"]) == (whole["steps"], whole["status"])
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
     for key in a:
         assert torch.equal(a[key], b[key]), key

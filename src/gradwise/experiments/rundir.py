@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 from gradwise.config import RunConfig, to_yaml
-from gradwise.errors import CheckpointError
+from gradwise.errors import CheckpointError, GradwiseWarning
 from gradwise.train.checkpoint import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
@@ -112,6 +113,8 @@ class MetricsLog:
         self._handle.close()
 
 
+# Schedules whose shape is stretched over the whole run's length.
+_BUDGET_SCHEDULES = ("linear", "cosine", "polynomial", "wsd", "onecycle")
 # Fields a resumed run may change: the training budget and how it is shown.
 _RESUMABLE_CHANGES = ("stop.epochs", "stop.max_steps", "log.", "name", "out_dir", "description")
 
@@ -125,6 +128,13 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     saved = validate(read_yaml(saved_file), source=str(saved_file))
     for path, (old, new) in _differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json")).items():
+        if path.startswith("stop.") and cfg.schedule.name in _BUDGET_SCHEDULES:
+            warnings.warn(
+                f"resuming with {path}={new!r} (was {old!r}) re-times the rest of the {cfg.schedule.name!r} "
+                "schedule, whose length follows the training budget",
+                GradwiseWarning,
+                stacklevel=2,
+            )
         if path == "resume" or path.startswith(_RESUMABLE_CHANGES):
             continue
         raise CheckpointError(

@@ -31,6 +31,10 @@ class EMAMomentum(torch.optim.Optimizer):
         params: Parameters or parameter groups.
         lr: Learning rate η.
         beta: EMA coefficient β in [0, 1).
+
+    References:
+        Polyak 1964, "Some methods of speeding up the convergence of iteration methods" (heavy ball);
+        the EMA form is the first moment of Kingma & Ba 2015, "Adam", without bias correction.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, beta: float = 0.9) -> None:

@@ -40,6 +40,8 @@ def schedule_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> flo
         The multiplier; 1 means ``base_lr``.
 
     References:
+        cosine: Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts";
+        warmup: Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour";
         wsd: Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
         Training Durations"; Hu et al. 2024, "MiniCPM". onecycle: Smith & Topin 2019,
         "Super-Convergence".

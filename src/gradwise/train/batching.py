@@ -75,9 +75,12 @@ class BatchPlan:
 
     ``optim.lr`` is the LR for ``batch.size``; when a ramp or an epoch table
     changes the batch to ``b``, ``lr_scaling`` multiplies the LR by ``b/size``
-    (linear, Goyal et al. 2017) or its square root (Krizhevsky 2014; Hoffer et
-    al. 2017). Increasing the batch instead of decaying the LR follows Smith
-    et al. 2018, "Don't Decay the Learning Rate, Increase the Batch Size".
+    (linear) or its square root.
+
+    References:
+        Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour" (linear rule);
+        Krizhevsky 2014, "One weird trick for parallelizing convolutional neural networks" (sqrt rule);
+        Smith et al. 2018, "Don't Decay the Learning Rate, Increase the Batch Size" (batch-size schedules).
     """
 
     def __init__(self, cfg: BatchConfig, n_train: int) -> None:
