@@ -11,6 +11,7 @@ import pytest
 from matplotlib.image import imread
 
 from gradwise.errors import CheckpointError
+from gradwise.experiments.rundir import read_metrics
 from gradwise.report.plots import (
     _comparison_figure,
     _confusion_figure,
@@ -18,7 +19,6 @@ from gradwise.report.plots import (
     _loss_figure,
     _lr_figure,
     _spans_decades,
-    read_metrics,
     write_comparison_plot,
     write_run_plots,
 )

@@ -71,6 +71,44 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read a run's ``metrics.jsonl`` into train lines and eval lines, each sorted by step.
+
+    Unparseable lines (the truncated last line of a killed run) are skipped. A resumed
+    run re-logs the steps after its last checkpoint; the later line of a step wins.
+
+    Args:
+        run_dir: The run directory.
+
+    Returns:
+        ``(train_lines, eval_lines)``; both empty when there is no ``metrics.jsonl``.
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a directory.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return [], []
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[tuple[int, str], dict[str, Any]] = {}
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for raw in fh:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(line, dict) or not isinstance(line.get("step"), int):
+                continue
+            if line.get("kind") == "train":
+                train[line["step"]] = line
+            elif line.get("kind") == "eval":
+                evals[(line["step"], str(line.get("split", "val")))] = line
+    return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
+
+
 class MetricsLog:
     """Appends one JSON line per record to ``metrics.jsonl``.
 

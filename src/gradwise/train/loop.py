@@ -24,7 +24,7 @@ import torch
 
 from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
-from gradwise.experiments.rundir import MetricsLog, write_config, write_summary
+from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
 from gradwise.train.checkpoint import (
@@ -309,7 +309,7 @@ def _finish(
         "data": info.source,
         "monitor": parts.monitor,
         "mode": parts.stopper.mode,
-        "best": {"step": best_step, "value": parts.stopper.best},
+        "best": {"step": best_step, "value": parts.stopper.best, **_eval_line_at(run_dir, best_step)},
         "final": final,
         "final_weights": weights,
         "steps": counters.step,
@@ -334,6 +334,13 @@ def _finish(
     if cfg.log.plots:
         _write_plots(run_dir)
     return summary
+
+
+def _eval_line_at(run_dir: Path, step: int | None) -> dict[str, float]:
+    """The validation metrics logged at ``step`` (the run directory is the record)."""
+    _, evals = read_metrics(run_dir)
+    line = next((e for e in evals if e["step"] == step and e.get("split") == "val"), {})
+    return {k: v for k, v in line.items() if k.startswith("val_")}
 
 
 def _write_plots(run_dir: Path) -> None:
