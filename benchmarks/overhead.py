@@ -88,6 +88,44 @@ def gradwise_loop(cfg, workdir: Path) -> tuple[float, dict[str, torch.Tensor]]:
     return summary["wall_time_s"], load_model_state(run_dir / "checkpoints" / "last")
 
 
+def step_overhead(cfg, blocks: int = 3, steps: int = 1000) -> tuple[float, float]:
+    """Microseconds per optimizer step: gradwise's step function vs the plain step, same model and optimizer.
+
+    Isolates the per-step cost (LR setting, accumulation bookkeeping, NaN check, weight-decay hook) from the
+    per-epoch evaluation and the checkpoint writes that the end-to-end timing includes.
+    """
+    from gradwise.train.loop import _train_step
+    from gradwise.train.setup import build_run
+
+    parts = build_run(cfg)
+    x, y = parts.data.train.x, parts.data.train.y
+    model, optimizer, loss_fn = parts.model, parts.optimizer, torch.nn.CrossEntropyLoss()
+    model.train()
+
+    def plain(step: int) -> None:
+        idx, _ = parts.sampler.take(cfg.batch.size)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise RuntimeError("nan")
+        optimizer.step()
+
+    def ours(step: int) -> None:
+        _train_step(parts, step, x, y)
+
+    timings: dict[str, list[float]] = {"plain": [], "ours": []}
+    for _ in range(blocks):
+        for name, fn in (("plain", plain), ("ours", ours)):
+            for s in range(50):
+                fn(s)
+            start = time.perf_counter()
+            for s in range(steps):
+                fn(s)
+            timings[name].append((time.perf_counter() - start) / steps * 1e6)
+    return statistics.median(timings["plain"]), statistics.median(timings["ours"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -117,6 +155,8 @@ def main() -> None:
     print(f"gradwise fit       : {ours:.3f} s (median; all: {', '.join(f'{t:.3f}' for t in ours_times)})")
     print(f"time ratio gradwise/plain: {ours / plain:.3f}  (overhead {100 * (ours / plain - 1):+.1f}%)")
     print(f"final weights identical: {identical}")
+    plain_us, ours_us = step_overhead(cfg)
+    print(f"per optimizer step: plain {plain_us:.0f} us, gradwise {ours_us:.0f} us, ratio {ours_us / plain_us:.3f}")
 
 
 if __name__ == "__main__":
