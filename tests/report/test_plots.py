@@ -232,3 +232,11 @@ def test_spans_decades() -> None:
     assert not _spans_decades(np.array([10.0, 0.2]))
     assert not _spans_decades(np.array([10.0, 0.0, 1e-5]))  # zero has no log
     assert _spans_decades(np.array([np.nan, 1.0]), np.array([1e-3]))
+
+
+def test_lr_figure_ignores_the_short_last_batch_of_each_epoch() -> None:
+    lines = [
+        {"kind": "train", "step": s, "epoch": s / 5, "lr": 1e-3, "batch_size": 7 if s % 5 == 0 else 32}
+        for s in range(1, 31)
+    ]
+    assert len(_lr_figure("r", lines).axes) == 1

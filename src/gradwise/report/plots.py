@@ -184,8 +184,10 @@ def _lr_figure(name: str, train: list[dict]) -> Figure | None:
     ax = fig.subplots()
     ax.plot(steps, lr, color="C0", lw=1.6, label="learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax.set(title=f"{name}: learning rate", xlabel=_STEP, ylabel="learning rate (param group 0)")
-    bs_steps, bs = _series(train, "batch_size")
+    ax.set(title=f"{name}: learning rate", xlabel=_STEP, ylabel="learning rate (optim.lr × schedule)")
+    # The short last batch of an epoch is not a batch-size change: leave epoch-closing steps out.
+    planned = [line for line in train if not float(line.get("epoch", 0.5)).is_integer()] or train
+    bs_steps, bs = _series(planned, "batch_size")
     if len(np.unique(bs[np.isfinite(bs)])) > 1:
         twin = ax.twinx()
         twin.plot(bs_steps, bs, color="C1", lw=1.4, drawstyle="steps-post", label="batch size")
