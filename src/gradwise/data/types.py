@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-TaskKind = Literal["classification", "regression"]
+TaskKind = Literal["classification", "regression", "language_modeling"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class DataInfo:
         name: Short name for messages: the bundled set's name or the file's name.
         feature_mean: Per-feature mean subtracted before training (fitted on train), None if not standardized.
         feature_std: Per-feature divisor (train std; 1 where that std is 0), None if not standardized.
+        vocab_size: Token vocabulary size for text data, else None.
+        pad_token_id: The id that pads token sequences (never inside a text), else None.
+        tokenizer_dir: Directory holding the tokenizer files (``tokenizer.json`` …) for text data, else None.
     """
 
     kind: TaskKind
@@ -41,6 +44,9 @@ class DataInfo:
     name: str = ""
     feature_mean: list[float] | None = None
     feature_std: list[float] | None = None
+    vocab_size: int | None = None
+    pad_token_id: int | None = None
+    tokenizer_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,11 +55,15 @@ class Split:
 
     Attributes:
         x: float32 ``(N, n_features)``; images are flattened (the CNN reshapes them with ``image_shape``).
-        y: int64 ``(N,)`` class indices for classification, float32 ``(N, 1)`` for regression.
+        y: int64 ``(N,)`` class indices for classification, float32 ``(N, 1)`` for regression,
+            int64 ``(N, T)`` next-token targets for language modeling.
+        lengths: For token sequences padded to a common width, int64 ``(N,)`` true lengths; the loop
+            trims each batch to its longest sequence (dynamic padding). None for fixed-width inputs.
     """
 
     x: torch.Tensor
     y: torch.Tensor
+    lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
