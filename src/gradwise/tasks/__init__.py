@@ -36,12 +36,13 @@ class MetricMeter(Protocol):
 class Task(Protocol):
     """A loss (mean and summed over a batch), a meter factory and the metric to monitor by default."""
 
-    kind: Literal["classification", "regression"]
+    kind: Literal["classification", "regression", "language_modeling"]
     loss_name: str
     default_monitor: str
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
     def loss_sum(self, outputs: Tensor, targets: Tensor) -> Tensor: ...
+    def count(self, targets: Tensor) -> int: ...
     def new_meter(self) -> MetricMeter: ...
 
 
@@ -52,6 +53,12 @@ def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
         ConfigError: ``task.kind`` or ``task.loss`` does not fit the data's kind.
     """
     label = info.name or info.source
+    if info.kind == "language_modeling" or cfg.kind == "language_modeling":
+        from gradwise.tasks.language_modeling import build_language_modeling_task
+
+        if info.kind != "language_modeling":
+            raise ConfigError(f"task.kind 'language_modeling' needs a text corpus; {label!r} is a {info.kind} dataset")
+        return build_language_modeling_task(cfg, info)
     if cfg.kind != "auto" and cfg.kind != info.kind:
         raise ConfigError(
             f"task.kind {cfg.kind!r} does not match the data: {label!r} is a {info.kind} dataset "

@@ -38,6 +38,10 @@ class ClassificationTask:
         """Summed cross-entropy over the batch (``loss_sum / N == loss``)."""
         return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing, reduction="sum")
 
+    def count(self, targets: Tensor) -> int:
+        """Loss terms in a batch (one per example): the loop divides summed losses by the step's total."""
+        return int(targets.shape[0])
+
     def new_meter(self) -> ClassificationMeter:
         """An empty meter that scores with this task's loss."""
         return ClassificationMeter(self.n_classes)

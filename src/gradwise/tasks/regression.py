@@ -51,6 +51,10 @@ class RegressionTask:
         """Summed loss over the batch (``loss_sum / N == loss`` for one output)."""
         return self._fn(*_align(outputs, targets), reduction="sum")
 
+    def count(self, targets: Tensor) -> int:
+        """Loss terms in a batch (one per example): the loop divides summed losses by the step's total."""
+        return int(targets.shape[0])
+
     def new_meter(self) -> RegressionMeter:
         """An empty meter that scores with this task's loss."""
         return RegressionMeter(self.loss_name, self.huber_delta)

@@ -24,13 +24,20 @@ class EpochSampler:
 
     The permutation of epoch ``e`` is a pure function of ``(seed, e)``, so the
     sampler's whole state is two integers and resuming mid-epoch replays the
-    exact same order.
+    exact same order. With ``lengths`` and a ``bucket`` size, each consecutive
+    chunk of ``bucket`` shuffled examples is sorted by length (longest first),
+    so batches hold sequences of similar length and dynamic padding wastes
+    little — the length-grouping of Hugging Face's ``group_by_length``.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, lengths: torch.Tensor | None = None, bucket: int | None = None
+    ) -> None:
         self.n = n
         self.seed = seed
         self.shuffle = shuffle
+        self.lengths = lengths
+        self.bucket = bucket
         self.epoch = 0
         self.cursor = 0
         self._perm_epoch = -1
@@ -42,8 +49,18 @@ class EpochSampler:
                 entropy = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
                 generator = torch.Generator().manual_seed(int(entropy))
                 self._perm = torch.randperm(self.n, generator=generator)
+            if self.lengths is not None and self.bucket:
+                self._perm = self._bucketed(self._perm)
             self._perm_epoch = self.epoch
         return self._perm
+
+    def _bucketed(self, perm: torch.Tensor) -> torch.Tensor:
+        assert self.lengths is not None and self.bucket
+        chunks = []
+        for chunk in torch.split(perm, self.bucket):
+            order = torch.sort(self.lengths[chunk], descending=True, stable=True).indices
+            chunks.append(chunk[order])
+        return torch.cat(chunks)
 
     def take(self, size: int) -> tuple[torch.Tensor, bool]:
         """The next ``size`` indices (fewer at the end of an epoch) and whether the epoch ended."""
@@ -148,3 +165,11 @@ class BatchPlan:
             step += 1
             if cursor >= self.n_train:
                 epoch, cursor = epoch + 1, 0
+
+
+def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of ``x``; padded token rows are cut to the batch's longest (dynamic padding)."""
+    rows = x[indices]
+    if lengths is None:
+        return rows
+    return rows[:, : int(lengths[indices].max())]

@@ -9,6 +9,7 @@ from torch import nn
 
 from gradwise.data import Split
 from gradwise.tasks import Task
+from gradwise.train.batching import gather
 from gradwise.train.device import autocast, to_device
 
 
@@ -30,7 +31,8 @@ def evaluate(
     meter = task.new_meter()
     dtype = next(model.parameters()).dtype
     for start in range(0, len(split.y), batch_size):
-        x = to_device(split.x[start : start + batch_size], device, dtype)
+        rows = torch.arange(start, min(start + batch_size, len(split.y)))
+        x = to_device(gather(split.x, split.lengths, rows), device, dtype)
         y = to_device(split.y[start : start + batch_size], device, dtype)
         with autocast(device, precision):
             outputs = model(x)

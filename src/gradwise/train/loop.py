@@ -27,6 +27,7 @@ from gradwise.errors import CheckpointError, TrainingError
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
+from gradwise.train.batching import gather
 from gradwise.train.checkpoint import (
     load_model_state,
     load_training_state,
@@ -169,14 +170,18 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
         group["lr"] = group["base_lr"] * lr_factor
 
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=x.device, dtype=x.dtype)
+    dtype = parameter_dtype(cfg.precision)
+    loss_sum = torch.zeros((), device=y.device, dtype=dtype)
+    lengths = parts.data.train.lengths
+    # Sum over each micro-batch divided by the whole step's count of loss terms (examples, or
+    # tokens for language models): the accumulated gradient equals the large-batch gradient
+    # even when micro-batches are uneven.
+    terms = parts.task.count(y[indices])
     for chunk in parts.plan.micro_batches(indices):
         with autocast(parts.device, cfg.precision):
-            outputs = model(x[chunk])
-        # Sum over the micro-batch divided by the whole step's size: the accumulated
-        # gradient equals the large-batch gradient even when micro-batches are uneven.
+            outputs = model(gather(x, lengths, chunk))
         # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
-        loss = parts.task.loss_sum(outputs.to(x.dtype), y[chunk]) / n
+        loss = parts.task.loss_sum(outputs.to(dtype), y[chunk]) / terms
         loss.backward()
         loss_sum += loss.detach()
     penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)

@@ -14,7 +14,7 @@ from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
 from gradwise.tasks import Task, build_task
-from gradwise.train.batching import BatchPlan, EpochSampler
+from gradwise.train.batching import BatchPlan, EpochSampler, gather
 from gradwise.train.device import parameter_dtype, resolve_device, to_device
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
@@ -22,6 +22,8 @@ from gradwise.train.stopping import EarlyStopping
 # Offsets keep the sampler's and the noise's generators independent of the global seed stream.
 SAMPLER_SEED_OFFSET = 1
 NOISE_SEED_OFFSET = 2
+# Length bucketing sorts chunks of this many batches (Hugging Face's group_by_length uses 50).
+LENGTH_BUCKET_BATCHES = 50
 
 
 @dataclass
@@ -75,7 +77,12 @@ def build_run(cfg: RunConfig) -> RunParts:
         optimizer=optimizer,
         plan=plan,
         schedule=LRSchedule(cfg.schedule, total_steps, mode),
-        sampler=EpochSampler(n_train, seed=cfg.seed + SAMPLER_SEED_OFFSET),
+        sampler=EpochSampler(
+            n_train,
+            seed=cfg.seed + SAMPLER_SEED_OFFSET,
+            lengths=data.train.lengths,
+            bucket=LENGTH_BUCKET_BATCHES * plan.reference if cfg.data.bucket_by_length else None,
+        ),
         noise=noise,
         stopper=EarlyStopping(monitor, mode, cfg.stop.patience, cfg.stop.min_delta),
         monitor=monitor,
@@ -96,7 +103,9 @@ def _resolve_monitor(cfg: RunConfig, task: Task, model: nn.Module, data: Dataset
     was_training = model.training
     model.eval()
     dtype = parameter_dtype(cfg.precision)
-    meter.update(model(to_device(data.val.x[:2], device, dtype)).float(), to_device(data.val.y[:2], device, dtype))
+    rows = torch.arange(min(2, len(data.val)))
+    inputs = to_device(gather(data.val.x, data.val.lengths, rows), device, dtype)
+    meter.update(model(inputs).float(), to_device(data.val.y[rows], device, dtype))
     model.train(was_training)
     available = [f"val_{name}" for name in meter.compute()]
     if monitor not in available:
