@@ -82,6 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("name", nargs="?", help="recipe to copy")
     rec.add_argument("dest", nargs="?", type=Path, help="file or directory to copy it to")
 
+    exp = sub.add_parser(
+        "export",
+        help="export a run's weights (LoRA adapters alone or merged)",
+        formatter_class=fmt,
+        description="Write RUN_DIR/export/ (or -o DIR): model.safetensors, config.yaml and the tokenizer; for a LoRA "
+        "run the adapter alone, or with --merge the adapters folded into the base weights.\n\n"
+        "examples:\n  gradwise export runs/minilm-topics-lora --merge\n  gradwise export runs/digits-cnn -o /tmp/cnn",
+    )
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
+    exp.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    exp.add_argument("-o", "--out", type=Path, default=None, help="output directory (default RUN_DIR/export)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="sample text from a language-model run",
+        formatter_class=fmt,
+        description="Sample a continuation of PROMPT from a language-model run's best checkpoint; the same seed "
+        "gives the same text.\n\nexample:\n"
+        "  gradwise generate runs/gpt-python --prompt 'def main(' --max-new-tokens 120",
+    )
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--checkpoint", choices=["best", "last"], default="best")
+
     sub.add_parser(
         "optimizers",
         help="list the optimizers optim.name accepts",
@@ -180,6 +209,37 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from gradwise.experiments.export import export_run
+
+    print(export_run(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from gradwise.errors import ConfigError
+    from gradwise.experiments.export import TOKENIZER_DIR, load_run_model
+    from gradwise.generate import generate
+
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise ConfigError("generate: --max-new-tokens must be ≥ 1 and --temperature ≥ 0")
+    _, _, model, task, device = load_run_model(args.run_dir, args.checkpoint)
+    if task.kind != "language_modeling":
+        raise ConfigError(f"generate: {args.run_dir} is a {task.kind} run, not a language model")
+    text = generate(
+        model,
+        args.run_dir / TOKENIZER_DIR,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+        device=device,
+    )
+    print(text)
+    return 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     from gradwise.errors import ConfigError
     from gradwise.experiments.recipes import copy_recipe, list_recipes
@@ -206,4 +266,12 @@ def _optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "resume": _resume, "eval": _eval, "recipes": _recipes, "optimizers": _optimizers}
+_COMMANDS = {
+    "train": _train,
+    "resume": _resume,
+    "eval": _eval,
+    "export": _export,
+    "generate": _generate,
+    "recipes": _recipes,
+    "optimizers": _optimizers,
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -13,9 +14,15 @@ from gradwise.data.files import load_file
 from gradwise.data.splits import Standardizer, split_indices
 from gradwise.data.targets import encode_target
 from gradwise.data.types import DataInfo, Dataset, Split
+from gradwise.errors import ConfigError
 
 
-def load_dataset(cfg: DataConfig, task_kind: Literal["auto", "classification", "regression"], seed: int) -> Dataset:
+def load_dataset(
+    cfg: DataConfig,
+    task_kind: Literal["auto", "classification", "regression", "language_modeling"],
+    seed: int,
+    tokenizer_dir: Path | None = None,
+) -> Dataset:
     """Load, code, split and standardize the data a config describes.
 
     The first ``cfg.limit`` rows are kept (if set), the target is coded (see
@@ -27,12 +34,29 @@ def load_dataset(cfg: DataConfig, task_kind: Literal["auto", "classification", "
         cfg: The ``data`` section.
         task_kind: ``task.kind``; ``auto`` lets the data decide.
         seed: The run's seed; it fixes the splits (and the ``linear`` set's points).
+        tokenizer_dir: For text classification data, the pretrained model's tokenizer.
 
     Raises:
         DataError: the data is unusable; the message names the file, column and row.
         ConfigError: the config contradicts the data (e.g. ``task.kind`` regression on ``digits``).
     """
+    if cfg.name == "python_source":
+        from gradwise.data.corpus import load_corpus_dataset
+
+        return load_corpus_dataset(cfg, seed)
+    if cfg.name == "topics" or cfg.text is not None:
+        from gradwise.data.text import load_text_dataset
+
+        if tokenizer_dir is None:
+            raise ConfigError(
+                f"data {cfg.name!r} is text: it needs a pretrained model's tokenizer (model.name=hf_encoder)"
+            )
+        if task_kind == "language_modeling":
+            raise ConfigError("task.kind 'language_modeling' needs data.name=python_source")
+        return load_text_dataset(cfg, task_kind, seed, tokenizer_dir)
     raw = load_file(cfg) if cfg.name == "file" else load_bundled(cfg, seed)
+    if task_kind == "language_modeling":
+        raise ConfigError(f"task.kind 'language_modeling' needs a text corpus; data {cfg.name!r} is not one")
     y, kind, class_names = encode_target(raw, task_kind)
     train, val, test = split_indices(
         len(y),

@@ -20,6 +20,14 @@ def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
     Raises:
         ConfigError: ``cnn`` on data without an image shape.
     """
+    if cfg.name == "hf_encoder":
+        from gradwise.models.hf_encoder import build_hf_encoder  # transformers is slow to import
+
+        return build_hf_encoder(cfg, info)
+    if cfg.name == "gpt":
+        from gradwise.models.gpt import build_gpt
+
+        return build_gpt(cfg, info)
     if cfg.name == "linear":
         return LinearModel(info.n_features, info.n_outputs)
     if cfg.name == "mlp":

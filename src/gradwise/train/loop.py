@@ -24,6 +24,7 @@ import torch
 
 from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
+from gradwise.experiments.export import copy_tokenizer
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
@@ -84,6 +85,7 @@ def fit(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
+        copy_tokenizer(parts.data.info.tokenizer_dir, run_dir)
     log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
     keeper = CheckpointKeeper(
         run_dir / "checkpoints",
@@ -161,6 +163,8 @@ def fit(
 def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[StepResult, bool]:
     """Take the next batch, accumulate its gradient over micro-batches, and update the weights."""
     cfg, model, optimizer = parts.cfg, parts.model, parts.optimizer
+    if parts.unfreezer is not None:
+        parts.unfreezer.apply(parts.sampler.epoch)  # a pure function of the epoch: resumes exactly
     planned = parts.plan.size(step, parts.sampler.epoch)
     indices, epoch_ended = parts.sampler.take(planned)
     n = len(indices)  # fewer than planned at the end of an epoch
@@ -336,6 +340,10 @@ def _finish(
             "matrix": confusion,
         }
     write_summary(run_dir, summary)
+    if cfg.finetune.lora is not None:
+        from gradwise.finetune.lora import save_adapter
+
+        save_adapter(parts.model, run_dir / "adapter")  # the (best) adapter alone, a few hundred KB
     if cfg.log.plots:
         _write_plots(run_dir)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
 from gradwise.tasks import Task, build_task
+from gradwise.train.adapt import adapt_structure, model_dir, prepare_for_training
 from gradwise.train.batching import BatchPlan, EpochSampler, gather
 from gradwise.train.device import parameter_dtype, resolve_device, to_device
 from gradwise.train.rng import seed_everything
@@ -43,24 +45,29 @@ class RunParts:
     stopper: EarlyStopping
     monitor: str
     total_steps: int
+    unfreezer: Any | None = None  # gradwise.finetune.freezing.GradualUnfreezer
 
 
-def build_model_and_data(cfg: RunConfig) -> tuple[Dataset, nn.Module, Task, torch.device]:
+def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
     """Seed, load the data, build the model on its device and the task: what eval needs too."""
     seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data, cfg.task.kind, cfg.seed)
-    model = build_model(cfg.model, data.info).to(device, dtype=parameter_dtype(cfg.precision))
+    data = load_dataset(cfg.data, cfg.task.kind, cfg.seed, tokenizer_dir=model_dir(cfg))
+    model = adapt_structure(cfg, build_model(cfg.model, data.info), training=training)
+    model = model.to(device, dtype=parameter_dtype(cfg.precision))
     task = build_task(cfg.task, data.info)
     return data, model, task, device
 
 
 def build_run(cfg: RunConfig) -> RunParts:
     """Build every component of a run from its config."""
-    data, model, task, device = build_model_and_data(cfg)
+    data, model, task, device = build_model_and_data(cfg, training=True)
     monitor = _resolve_monitor(cfg, task, model, data, device)
     mode = monitor_mode(monitor, cfg.stop.mode)
-    optimizer = build_optimizer(model, cfg.optim, cfg.regularize.weight_decay)
+    adaptation = prepare_for_training(cfg, model)
+    optimizer = build_optimizer(model, adaptation.optim, cfg.regularize.weight_decay)
+    if adaptation.unfreezer is not None:
+        adaptation.unfreezer.apply(0)  # the optimizer covers every layer; now freeze all but the first stage
     n_train = len(data.train.y)
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
@@ -87,6 +94,7 @@ def build_run(cfg: RunConfig) -> RunParts:
         stopper=EarlyStopping(monitor, mode, cfg.stop.patience, cfg.stop.min_delta),
         monitor=monitor,
         total_steps=total_steps,
+        unfreezer=adaptation.unfreezer,
     )
 
 
