@@ -87,12 +87,13 @@ def prepare_for_training(cfg: RunConfig, model: nn.Module) -> TrainingAdaptation
         from gradwise.finetune.freezing import GradualUnfreezer
 
         unfreezer = GradualUnfreezer(model, ft.unfreeze_every_epochs)
+        unfreezer.unfreeze_all()  # the optimizer is built over every stage; the loop then applies epoch 0
     if ft.layer_lr_decay is not None:
         from gradwise.finetune.llrd import layer_lr_multipliers
 
-        # The user's own patterns come first, so they win over the computed ones.
-        merged = {**optim.lr_multipliers, **layer_lr_multipliers(model, ft.layer_lr_decay)}
-        merged.update(optim.lr_multipliers)
+        # The user's own patterns come first: the first matching pattern wins.
+        computed = layer_lr_multipliers(model, ft.layer_lr_decay)
+        merged = {**optim.lr_multipliers, **{k: v for k, v in computed.items() if k not in optim.lr_multipliers}}
         optim = optim.model_copy(update={"lr_multipliers": merged})
     if ft.neftune_alpha > 0:
         from gradwise.finetune.neftune import attach_neftune
