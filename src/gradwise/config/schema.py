@@ -228,7 +228,8 @@ class FinetuneConfig(Section):
     patterns over parameter names) freeze parts of the body; with
     ``unfreeze_every_epochs`` the body starts frozen and one more layer, from
     the top, becomes trainable every that many epochs (Howard & Ruder 2018,
-    ULMFiT); ``layer_lr_decay`` gives layer l of L the LR lr·decay^(L−l)
+    ULMFiT); ``layer_lr_decay`` gives block l of L (1 = bottom) the LR
+    lr·decay^(L−l+1) and the embeddings lr·decay^(L+1), the head lr
     (Clark et al. 2020, ELECTRA); ``lora`` trains low-rank adapters only;
     ``neftune_alpha`` adds uniform noise to embeddings while training (Jain et
     al. 2023, NEFTune).
