@@ -140,3 +140,26 @@ def test_minilm_fine_tune_beats_a_linear_probe_and_both_beat_the_majority(tmp_pa
     )
     assert full["final"]["test_accuracy"] > probe["final"]["test_accuracy"] + 0.02
     assert probe["final"]["test_accuracy"] > majority + 0.4
+
+
+def test_fine_tuning_resume_is_bit_exact(tmp_path: Path):
+    # Dropout, NEFTune noise and length-bucketed shuffling all draw random numbers; LLRD shapes the groups.
+    raw = tiny_topics(
+        "minilm-topics",
+        finetune={"neftune_alpha": 5.0, "layer_lr_decay": 0.8},
+        stop={"epochs": 2},
+        eval={"every_steps": 3},
+    )
+    cfg = validate(raw)
+    fit(cfg, tmp_path / "whole")
+    calls = {"n": 0}
+
+    def stop_at_5() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    assert fit(cfg, tmp_path / "split", stop_requested=stop_at_5)["status"] == "interrupted"
+    fit(cfg, tmp_path / "split", resume=True)
+    a = load_model_state(tmp_path / "whole" / "checkpoints" / "last")
+    b = load_model_state(tmp_path / "split" / "checkpoints" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
