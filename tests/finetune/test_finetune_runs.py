@@ -163,3 +163,35 @@ def test_fine_tuning_resume_is_bit_exact(tmp_path: Path):
     a = load_model_state(tmp_path / "whole" / "checkpoints" / "last")
     b = load_model_state(tmp_path / "split" / "checkpoints" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_any_local_hf_encoder_and_a_user_text_file(tmp_path: Path, tiny_bert_dir: Path, capsys, monkeypatch):
+    """`model.path` swaps in another local encoder; `data.text` reads a user's CSV of texts and labels."""
+    monkeypatch.chdir(tmp_path)
+    rows = ["text,label"] + [
+        f"the {w} is {c},{c}" for w in ("sky", "sea", "car", "cat", "hat") * 12 for c in ("red", "blue")
+    ]
+    (tmp_path / "colours.csv").write_text("\n".join(rows) + "\n")
+    args = [
+        "train",
+        "minilm-topics",
+        "data.name=file",
+        "data.path=colours.csv",
+        "data.text=text",
+        "data.target=label",
+        f"model.path={tiny_bert_dir}",
+        "stop.epochs=3",
+        "schedule.warmup_steps=1",
+        "log.progress=false",
+        "log.plots=false",
+        "name=tiny",
+    ]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["data"].endswith("colours.csv") and summary["final"]["test_accuracy"] >= 0.0
+    (tmp_path / "bad.csv").write_text("text,label\nhello,a\n,b\nbye,a\n")
+    bad = [a.replace("colours.csv", "bad.csv") for a in args[:-1]] + ["name=bad"]
+    capsys.readouterr()
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "row 2" in err and err.count("\n") == 1
