@@ -122,21 +122,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
 
 
-class StepRss:
-    """RSS read after every optimizer step; ``steady`` is the largest before the last step.
+class StepProbe:
+    """The clock and the RSS read at the end of every optimizer step, the same way on both sides.
 
-    The last step is left out because gradwise evaluates and writes its checkpoint in it.
+    ``step_s`` is the median time between consecutive step ends, leaving out the last step (gradwise
+    evaluates and writes its checkpoint in it): the per-step cost, robust to bursts of load on a shared
+    machine. ``steady_rss_mb`` is the largest RSS read before the last step.
     """
 
     def __init__(self) -> None:
-        self.samples: list[float] = []
+        self.times: list[float] = []
+        self.rss: list[float] = []
 
     def sample(self) -> None:
-        self.samples.append(rss_now_mb())
+        self.times.append(time.perf_counter())
+        self.rss.append(rss_now_mb())
 
     @property
-    def steady(self) -> float:
-        return max(self.samples[:-1] or self.samples or [math.nan])
+    def step_s(self) -> float:
+        gaps = [b - a for a, b in zip(self.times[:-2], self.times[1:-1], strict=True)]
+        return statistics.median(gaps) if gaps else math.nan
+
+    @property
+    def steady_rss_mb(self) -> float:
+        return max(self.rss[:-1] or self.rss or [math.nan])
+
+
+def padded_tokens_gradwise(cfg: RunConfig, split: Split, steps: int) -> int:
+    """Token slots (batch × longest row) gradwise's sampler feeds over ``steps`` steps, replayed from its seed."""
+    from gradwise.train.batching import EpochSampler
+    from gradwise.train.setup import SAMPLER_SEED_OFFSET
+
+    assert split.lengths is not None and isinstance(cfg.batch.size, int)
+    sampler = EpochSampler(len(split.y), seed=cfg.seed + SAMPLER_SEED_OFFSET)
+    total = 0
+    for _ in range(steps):
+        rows, _ = sampler.take(cfg.batch.size)
+        total += len(rows) * int(split.lengths[rows].max())
+    return total
 
 
 def decay_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[str]:
@@ -162,10 +185,10 @@ def run_gradwise(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dic
     from gradwise.train.setup import build_model_and_data
 
     run_dir = workdir / f"gradwise-{time.monotonic_ns()}"
-    rss = StepRss()
+    probe = StepProbe()
 
-    def after_step() -> bool:  # fit polls this after every step; used only to read the RSS
-        rss.sample()
+    def after_step() -> bool:  # fit polls this after every step; used only to read the clock and the RSS
+        probe.sample()
         return False
 
     summary = fit(cfg, run_dir, stop_requested=after_step)
@@ -187,7 +210,10 @@ def run_gradwise(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dic
         "examples": summary["examples"],
         "steps": summary["steps"],
         "peak_rss_mb": peak,
-        "steady_rss_mb": rss.steady,
+        "steady_rss_mb": probe.steady_rss_mb,
+        "step_s": probe.step_s,
+        "padded_tokens": padded_tokens_gradwise(cfg, data.train, summary["steps"]),
+        "real_tokens": int(data.train.lengths.sum()) * args.epochs,
         "test_accuracy": test["test_accuracy"],
         "test_macro_f1": test["test_macro_f1"],
         "summary_test_accuracy": summary["final"].get("test_accuracy"),
@@ -222,9 +248,11 @@ class PadCollator:
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
+        self.padded_tokens = 0  # token slots fed to the model, padding included
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         ids = nn.utils.rnn.pad_sequence([f["input_ids"] for f in features], batch_first=True, padding_value=self.pad_id)
+        self.padded_tokens += ids.numel()
         return {"input_ids": ids, "labels": torch.stack([f["labels"] for f in features])}
 
 
@@ -252,11 +280,12 @@ def run_hf(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dict[str,
     data, model, task, device = build_model_and_data(cfg, training=True)  # fit's own first step: same weights
     init_digest = weights_digest(model)
     assert data.info.pad_token_id is not None
-    rss = StepRss()
+    probe = StepProbe()
+    collator = PadCollator(data.info.pad_token_id)
 
-    class RssCallback(TrainerCallback):
+    class ProbeCallback(TrainerCallback):
         def on_step_end(self, *_: Any, **__: Any) -> None:
-            rss.sample()
+            probe.sample()
 
     training_args = TrainingArguments(
         output_dir=str(workdir / f"hf-{time.monotonic_ns()}"),
@@ -282,8 +311,8 @@ def run_hf(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dict[str,
         model=wrapper,
         args=training_args,
         train_dataset=TokenRows(data.train),
-        data_collator=PadCollator(data.info.pad_token_id),
-        callbacks=[RssCallback()],
+        data_collator=collator,
+        callbacks=[ProbeCallback()],
     )
     result = trainer.train()
     peak = peak_rss_mb()
@@ -296,7 +325,10 @@ def run_hf(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dict[str,
         "examples": len(data.train.y) * args.epochs,
         "steps": trainer.state.global_step,
         "peak_rss_mb": peak,
-        "steady_rss_mb": rss.steady,
+        "steady_rss_mb": probe.steady_rss_mb,
+        "step_s": probe.step_s,
+        "padded_tokens": collator.padded_tokens,
+        "real_tokens": int(data.train.lengths.sum()) * args.epochs,
         "test_accuracy": test["test_accuracy"],
         "test_macro_f1": test["test_macro_f1"],
         "data_digest": data_digest(data.train),
@@ -344,6 +376,8 @@ def report(runs: dict[str, list[dict[str, Any]]], header: str) -> None:
         ("train examples/s", lambda r: r["examples"] / r["train_time_s"], ".2f"),
         ("train time s", lambda r: r["train_time_s"], ".2f"),
         ("steps-only examples/s", lambda r: r["examples"] / r["steps_time_s"], ".2f"),
+        ("median step s", lambda r: r["step_s"], ".3f"),
+        ("padded tokens trained", lambda r: r["padded_tokens"], ".0f"),
         ("peak RSS MB", lambda r: r["peak_rss_mb"], ".0f"),
         ("RSS between steps MB", lambda r: r["steady_rss_mb"], ".0f"),
         ("test accuracy", lambda r: r["test_accuracy"], ".4f"),
@@ -362,7 +396,10 @@ def report(runs: dict[str, list[dict[str, Any]]], header: str) -> None:
     g0, h0 = runs["gradwise"][0], runs["hf"][0]
     print()
     print(f"optimizer: gradwise {g0['optimizer']}; HF {h0['optimizer']}")
-    print(f"steps: gradwise {values('gradwise', 'steps')}, HF {values('hf', 'steps')}; examples {g0['examples']}")
+    print(
+        f"steps: gradwise {values('gradwise', 'steps')}, HF {values('hf', 'steps')}; examples {g0['examples']}; "
+        f"real tokens {g0['real_tokens']} (gradwise) / {h0['real_tokens']} (HF)"
+    )
     same_data = len({r["data_digest"] for side in SIDES for r in runs[side]}) == 1
     same_init = len({r["init_digest"] for side in SIDES for r in runs[side]}) == 1
     same_decay = g0["decay_names"] == h0["decay_names"]
