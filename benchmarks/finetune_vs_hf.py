@@ -27,9 +27,18 @@ What each time covers: gradwise's ``wall_time_s`` (summary.json) is the whole
 pass at the last step and its fsynced ``last``/``best`` checkpoint (weights and
 optimizer state); "steps only" is the time of its last train line in
 metrics.jsonl, before that evaluation and checkpoint. The Trainer's
-``train_runtime`` covers its training loop with ``save_strategy="no"``.
+``train_runtime`` covers its training loop with ``save_strategy="no"``. Both
+sides also read the clock and the RSS at the end of every step (gradwise
+through fit's ``stop_requested`` poll, the Trainer through a callback): the
+median gap between step ends is the per-step cost, the measure least hurt by
+bursts of load on a shared machine.
+
+The Trainer's default optimizer with torch >= 2.8 is fused AdamW; gradwise
+builds torch's AdamW with its defaults (the single-tensor for-loop on CPU).
+``--hf-optim adamw_torch`` gives the Trainer the same for-loop AdamW.
 
     .venv/bin/python benchmarks/finetune_vs_hf.py                      # defaults: 512 texts, 2 epochs, 2 rounds
+    .venv/bin/python benchmarks/finetune_vs_hf.py --hf-optim adamw_torch           # same AdamW kernel both sides
     .venv/bin/python benchmarks/finetune_vs_hf.py --limit 1146 --epochs 3 --repeats 3
 """
 
