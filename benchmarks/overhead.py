@@ -54,7 +54,7 @@ def plain_loop(cfg, workdir: Path) -> tuple[float, dict[str, torch.Tensor]]:
     seed_everything(cfg.seed)
     data = load_dataset(cfg.data, cfg.task.kind, cfg.seed)
     model = build_model(cfg.model, data.info)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, fused=True)  # gradwise default for adam
     loss_fn = torch.nn.CrossEntropyLoss()
     x, y = data.train.x, data.train.y
     n, batch = len(y), cfg.batch.size
