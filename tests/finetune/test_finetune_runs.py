@@ -53,6 +53,7 @@ def test_lora_trains_only_adapters_and_merged_export_matches(tmp_path: Path, mon
 
     assert main(["export", "runs/lora", "--merge"]) == 0
     merged = load_file(str(run / "export" / "model.safetensors"))
+    assert read_yaml(run / "export" / "config.yaml")["finetune"]["lora"] is None  # the export is a plain model
     assert not any("lora_" in k for k in merged)
     with torch.no_grad():
         adapted = model(data.test.x[:8])
@@ -195,3 +196,13 @@ def test_any_local_hf_encoder_and_a_user_text_file(tmp_path: Path, tiny_bert_dir
     assert main(bad) == 2
     err = capsys.readouterr().err
     assert "bad.csv" in err and "row 2" in err and err.count("\n") == 1
+
+
+def test_export_merge_without_lora_is_refused_before_writing(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(validate({"model": {"name": "mlp", "hidden": [8]}, "stop": {"epochs": 1}, **QUICK}), tmp_path / "runs" / "m")
+    assert main(["export", "runs/m", "--merge"]) == 2
+    assert "no LoRA adapters to merge" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "m" / "export").exists()
+    assert main(["export", "runs/m"]) == 0
+    assert (tmp_path / "runs" / "m" / "export" / "model.safetensors").exists()

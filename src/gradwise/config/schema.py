@@ -400,6 +400,8 @@ class RunConfig(Section):
             raise ValueError(
                 f"optim.name 'gd' is full-batch gradient descent; set batch.size=full (got {self.batch.size})"
             )
+        if self.finetune.lora is not None and self.model.name != "hf_encoder":
+            raise ValueError(f"finetune.lora supports model.name 'hf_encoder' only (got {self.model.name!r})")
         pretrained = self.model.name in ("hf_encoder", "gpt")
         if self.finetune != FinetuneConfig() and not pretrained and self.model.init_from is None:
             raise ValueError(

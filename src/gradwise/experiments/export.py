@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from gradwise.config import read_yaml, validate
+from gradwise.config import RunConfig, read_yaml, to_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.experiments.rundir import CONFIG_FILE
 from gradwise.train.checkpoint import load_model_state, load_weights_into, resolve_checkpoint
@@ -31,6 +31,11 @@ def load_run_model(run_dir: Path, checkpoint: str = "best"):
 
 def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, checkpoint: str = "best") -> Path:
     """Write ``model.safetensors`` (merged when ``merge``), or the LoRA adapter alone, plus config and tokenizer."""
+    config_file = run_dir / CONFIG_FILE
+    if merge and config_file.exists():
+        saved = validate(read_yaml(config_file), source=str(config_file))
+        if saved.finetune.lora is None:
+            raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
     cfg, _, model, _, _ = load_run_model(run_dir, checkpoint)
     out = out or run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -39,19 +44,19 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
 
         if not merge:
             save_adapter(model, out / "adapter")
-            _copy_extras(run_dir, out)
+            _copy_extras(run_dir, out, cfg)
             return out
         model = merge_lora(model)
-    elif merge:
-        raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
+        # The merged weights have the plain body's names: the exported config must not ask for adapters.
+        cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": None})})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"source": str(run_dir), "merged": str(merge)})
-    _copy_extras(run_dir, out)
+    _copy_extras(run_dir, out, cfg)
     return out
 
 
-def _copy_extras(run_dir: Path, out: Path) -> None:
-    shutil.copyfile(run_dir / CONFIG_FILE, out / CONFIG_FILE)
+def _copy_extras(run_dir: Path, out: Path, cfg: RunConfig) -> None:
+    (out / CONFIG_FILE).write_text(to_yaml(cfg))
     if (run_dir / TOKENIZER_DIR).is_dir():
         shutil.copytree(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
 
