@@ -74,6 +74,12 @@ def test_unknown_key_lists_the_section_keys_and_hints():
         ({"data": {"name": "file"}}, "data.path is required"),
         ({"stop": {"epochs": None}}, "set stop.epochs or stop.max_steps"),
         ({"bogus": 1}, "bogus: unknown key; allowed keys: name, description, seed"),
+        (
+            {"data": {"name": "python_source"}, "model": {"name": "gpt"}, "finetune": {"lora": {}}},
+            "finetune.lora supports model.name 'hf_encoder' only",
+        ),
+        ({"model": {"name": "gpt"}}, "model.name 'gpt' does not fit data.name 'digits'"),
+        ({"finetune": {"head_only": True}}, "finetune.* needs a transformer body"),
     ],
 )
 def test_bad_values_name_the_field(raw, expected):
