@@ -223,7 +223,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("generate: --max-new-tokens must be ≥ 1 and --temperature ≥ 0")
-    _, _, model, task, device = load_run_model(args.run_dir, args.checkpoint)
+    _, _, model, task, device = load_run_model(args.run_dir, args.checkpoint, with_data=False)
     if task.kind != "language_modeling":
         raise ConfigError(f"generate: {args.run_dir} is a {task.kind} run, not a language model")
     text = generate(

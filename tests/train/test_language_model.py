@@ -87,3 +87,19 @@ def test_generate_refuses_a_classifier_run(tmp_path: Path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["generate", "runs/c", "--prompt", "x"]) == 2
     assert "is a classification run, not a language model" in capsys.readouterr().err
+
+
+def test_generate_and_export_need_no_data(tmp_path: Path, capsys, monkeypatch):
+    """A run records what sizes its model: sampling works where the corpus cannot be rebuilt."""
+    monkeypatch.chdir(tmp_path)
+    fit(config(stop={"max_steps": 3}, eval={"every_steps": 3}, schedule={"warmup_steps": 0}), tmp_path / "runs" / "lm")
+    assert (tmp_path / "runs" / "lm" / "data_info.json").exists()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data must not be rebuilt")
+
+    monkeypatch.setattr("gradwise.train.setup.load_dataset", no_data)
+    assert main(["generate", "runs/lm", "--prompt", "import ", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    assert main(["export", "runs/lm"]) == 0
+    assert (tmp_path / "runs" / "lm" / "export" / "model.safetensors").exists()

@@ -2,31 +2,65 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from gradwise.config import RunConfig, read_yaml, to_yaml, validate
+from gradwise.data.types import DataInfo
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.experiments.rundir import CONFIG_FILE
-from gradwise.train.checkpoint import load_model_state, load_weights_into, resolve_checkpoint
-from gradwise.train.setup import build_model_and_data
+from gradwise.train.checkpoint import atomic_write_text, load_model_state, load_weights_into, resolve_checkpoint
+from gradwise.train.setup import build_model_and_data, build_model_for
 
 TOKENIZER_DIR = "tokenizer"
+DATA_INFO_FILE = "data_info.json"
 
 
-def load_run_model(run_dir: Path, checkpoint: str = "best"):
-    """Rebuild a run's data, model (with its adapters) and task from its config and load ``checkpoint``."""
+def load_run_model(run_dir: Path, checkpoint: str = "best", *, with_data: bool = True):
+    """Rebuild a run's model (with its adapters) and task from its config, load ``checkpoint``.
+
+    With ``with_data`` the data splits are rebuilt too (for evaluation); without, the model is sized
+    from the run's recorded ``data_info.json`` so export and generate never need the data (a language
+    model's corpus and tokenizer training, for one). Returns ``(cfg, data or None, model, task, device)``.
+    """
     config_file = run_dir / CONFIG_FILE
     if not config_file.exists():
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     cfg = validate(read_yaml(config_file), source=str(config_file))
     ckpt = resolve_checkpoint(run_dir, checkpoint)
-    data, model, task, device = build_model_and_data(cfg)
+    info = None if with_data else read_data_info(run_dir)
+    if info is None:
+        data, model, task, device = build_model_and_data(cfg)
+    else:
+        data = None
+        model, task, device = build_model_for(cfg, info)
     load_weights_into(model, load_model_state(ckpt), ckpt)
     model.eval()
     return cfg, data, model, task, device
+
+
+def record_data(info: DataInfo, run_dir: Path) -> None:
+    """Keep what sizes the model (``data_info.json``) and the tokenizer inside the run directory."""
+    atomic_write_text(run_dir / DATA_INFO_FILE, json.dumps(asdict(info), indent=1) + "\n")
+    copy_tokenizer(info.tokenizer_dir, run_dir)
+
+
+def read_data_info(run_dir: Path) -> DataInfo | None:
+    """The recorded DataInfo of a run, or None for runs made before it was recorded."""
+    file = run_dir / DATA_INFO_FILE
+    if not file.exists():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+        if raw.get("image_shape") is not None:
+            raw["image_shape"] = tuple(raw["image_shape"])
+        return DataInfo(**raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
 
 
 def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, checkpoint: str = "best") -> Path:
@@ -36,7 +70,7 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
         saved = validate(read_yaml(config_file), source=str(config_file))
         if saved.finetune.lora is None:
             raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
-    cfg, _, model, _, _ = load_run_model(run_dir, checkpoint)
+    cfg, _, model, _, _ = load_run_model(run_dir, checkpoint, with_data=False)
     out = out or run_dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.finetune.lora is not None:

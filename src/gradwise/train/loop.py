@@ -24,7 +24,7 @@ import torch
 
 from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
-from gradwise.experiments.export import copy_tokenizer
+from gradwise.experiments.export import record_data
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
@@ -85,7 +85,7 @@ def fit(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
-        copy_tokenizer(parts.data.info.tokenizer_dir, run_dir)
+        record_data(parts.data.info, run_dir)
     log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
     keeper = CheckpointKeeper(
         run_dir / "checkpoints",

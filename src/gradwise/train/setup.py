@@ -11,6 +11,7 @@ from torch import nn
 
 from gradwise.config import RunConfig, monitor_mode
 from gradwise.data import Dataset, load_dataset
+from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
@@ -51,12 +52,17 @@ class RunParts:
 def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
     """Seed, load the data, build the model on its device and the task: what eval needs too."""
     seed_everything(cfg.seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
     data = load_dataset(cfg.data, cfg.task.kind, cfg.seed, tokenizer_dir=model_dir(cfg))
-    model = adapt_structure(cfg, build_model(cfg.model, data.info), training=training)
-    model = model.to(device, dtype=parameter_dtype(cfg.precision))
-    task = build_task(cfg.task, data.info)
+    model, task, device = build_model_for(cfg, data.info, training=training)
     return data, model, task, device
+
+
+def build_model_for(cfg: RunConfig, info: DataInfo, *, training: bool = False) -> tuple[nn.Module, Task, torch.device]:
+    """The model (with its adapters) on its device and the task, sized by ``info``: no data needed."""
+    device = resolve_device(cfg.device)
+    model = adapt_structure(cfg, build_model(cfg.model, info), training=training)
+    model = model.to(device, dtype=parameter_dtype(cfg.precision))
+    return model, build_task(cfg.task, info), device
 
 
 def build_run(cfg: RunConfig) -> RunParts:
