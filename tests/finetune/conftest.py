@@ -37,6 +37,12 @@ def text_info(n_outputs: int = 3, vocab_size: int = 30522) -> DataInfo:
     )
 
 
+@pytest.fixture
+def info() -> DataInfo:
+    """The DataInfo of a 3-class text task, sized for the tiny BERT and MiniLM vocabularies."""
+    return text_info()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-layer, 16-wide BERT with MiniLM's tokenizer, written by save_pretrained."""

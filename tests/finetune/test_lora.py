@@ -10,23 +10,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from gradwise.config import LoraConfig, ModelConfig
-from gradwise.data import DataInfo
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.finetune import apply_lora, count_trainable, is_lora, load_adapter, merge_lora, save_adapter
 from gradwise.models.hf_encoder import build_hf_encoder
-
-INFO = DataInfo(
-    kind="classification",
-    n_features=6,
-    image_shape=None,
-    n_outputs=3,
-    class_names=["a", "b", "c"],
-    feature_names=["text"],
-    target_name="label",
-    source="test",
-    vocab_size=30522,
-    pad_token_id=0,
-)
 
 
 def token_batch() -> torch.Tensor:
@@ -100,7 +86,7 @@ def test_merged_model_computes_the_same_outputs_with_plain_names(minilm):
         torch.testing.assert_close(minilm(ids), adapted, atol=1e-5, rtol=0)
 
 
-def test_adapter_round_trip(tiny_bert_dir, tiny, tmp_path):
+def test_adapter_round_trip(tiny_bert_dir, tiny, tmp_path, info):
     apply_lora(tiny, LoraConfig(r=2, alpha=8.0, dropout=0.0))
     randomize_adapters(tiny)
     tiny.eval()
@@ -117,7 +103,7 @@ def test_adapter_round_trip(tiny_bert_dir, tiny, tmp_path):
     assert saved and all("lora_" in key for key in saved)  # adapters only, not the 1M frozen body weights
 
     torch.manual_seed(123)  # a different fresh head, overwritten by the saved one
-    fresh = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), INFO)
+    fresh = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), info)
     load_adapter(fresh, out)
     fresh.eval()
     with torch.no_grad():
@@ -125,7 +111,7 @@ def test_adapter_round_trip(tiny_bert_dir, tiny, tmp_path):
     assert count_trainable(fresh) == 16 * 3 + 3  # adapters loaded frozen, for inference; the head as built
 
     save_adapter(tiny, out)  # overwriting an existing adapter directory is allowed
-    again = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), INFO)
+    again = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), info)
     load_adapter(again, out, trainable=True)
     assert count_trainable(again) == count_trainable(tiny)
 

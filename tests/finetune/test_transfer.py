@@ -78,11 +78,11 @@ def test_falls_back_to_last_and_refuses_missing_runs(tmp_path):
         load_from_run(nn.Sequential(nn.Linear(3, 3)), run)
 
 
-def test_encoder_with_a_new_head(tmp_path, tiny, tiny_bert_dir):
+def test_encoder_with_a_new_head(tmp_path, tiny, tiny_bert_dir, info):
     from dataclasses import replace
 
     run = fake_run(tmp_path, tiny)
-    info5 = replace(_info(), n_outputs=5, class_names=list("abcde"))
+    info5 = replace(info, n_outputs=5, class_names=list("abcde"))
     target = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), info5)
     with torch.no_grad():
         for p in target.body.parameters():
@@ -92,7 +92,7 @@ def test_encoder_with_a_new_head(tmp_path, tiny, tiny_bert_dir):
     assert torch.equal(target.body.encoder.layer[2].output.dense.weight, tiny.body.encoder.layer[2].output.dense.weight)
 
 
-def test_a_lora_run_loads_merged_into_a_plain_model(tmp_path, tiny, tiny_bert_dir):
+def test_a_lora_run_loads_merged_into_a_plain_model(tmp_path, tiny, tiny_bert_dir, info):
     apply_lora(tiny, LoraConfig(r=2, alpha=6.0, dropout=0.0))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_a_lora_run_loads_merged_into_a_plain_model(tmp_path, tiny, tiny_bert_di
     tiny.eval()
     with torch.no_grad():
         expected = tiny(ids)
-    plain = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), _info()).eval()
+    plain = build_hf_encoder(ModelConfig(name="hf_encoder", path=tiny_bert_dir), info).eval()
     report = load_from_run(plain, run)
     assert not report.missing and not report.unexpected and not report.skipped_head
     assert "body.encoder.layer.0.attention.self.query.weight" in report.loaded
@@ -114,20 +114,3 @@ def test_a_lora_run_loads_merged_into_a_plain_model(tmp_path, tiny, tiny_bert_di
     (run / "config.yaml").write_text("finetune: {}\n")
     with pytest.raises(CheckpointError, match=r"trained LoRA adapters, but its finetune\.lora alpha and r"):
         load_from_run(plain, run)
-
-
-def _info():
-    from gradwise.data import DataInfo
-
-    return DataInfo(
-        kind="classification",
-        n_features=6,
-        image_shape=None,
-        n_outputs=3,
-        class_names=["a", "b", "c"],
-        feature_names=["text"],
-        target_name="label",
-        source="test",
-        vocab_size=30522,
-        pad_token_id=0,
-    )
