@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -111,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", choices=["best", "last"], default="best")
 
+    comp = sub.add_parser(
+        "compress",
+        help="prune, quantize and distill a run; measure every variant",
+        formatter_class=fmt,
+        description="Make each variant of a compression recipe from RUN_DIR into RUN_DIR/compressed/<variant>/ "
+        "(a run directory: `gradwise eval` works on it), measure the source run and every variant the same way "
+        "(parameters, nonzeros, bytes on disk, latency median/p95, throughput, the task metric) and write "
+        "RUN_DIR/compressed/comparison.md and pareto.png. A variant that breaks the recipe's accuracy budget is "
+        "marked rejected. Finished variants with unchanged steps are reused (--force remakes them).\n\n"
+        "examples:\n  gradwise compress runs/digits-cnn compress-digits-cnn\n"
+        "  gradwise compress runs/minilm-topics recipes/compress-minilm.yaml --only int8-dynamic budget.max_drop=0.02",
+    )
+    comp.add_argument("run_dir", type=Path)
+    comp.add_argument("recipe", help="compression recipe YAML file or bundled recipe name")
+    comp.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    comp.add_argument("--only", default=None, help="comma-separated variants to make (default: all)")
+    comp.add_argument("--force", action="store_true", help="remake variants even when already made")
+
     sub.add_parser(
         "optimizers",
         help="list the optimizers optim.name accepts",
@@ -132,6 +151,7 @@ _default_format = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    _quiet_library_loggers()
     try:
         return _COMMANDS[args.command](args)
     except GradwiseError as exc:
@@ -140,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradwise {args.command}: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _quiet_library_loggers() -> None:
+    # torchao (imported by peft and transformers when installed) logs a warning for each CUDA-only
+    # kernel library it cannot load on a CPU machine, and torch one about torchao's pytree registration:
+    # noise on every run, nothing a user can act on. Real errors still show.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # --------------------------------------------------------------------------- commands
@@ -256,6 +284,23 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from gradwise.compress.compare import measure_all, write_comparison
+    from gradwise.compress.pipeline import compress_run, source_budget
+    from gradwise.compress.recipe import load_compress_recipe
+    from gradwise.experiments.recipes import find_recipe
+
+    recipe = load_compress_recipe(find_recipe(args.recipe), args.overrides)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    budget = source_budget(args.run_dir, recipe)
+    results = compress_run(args.run_dir, recipe, only=only, force=args.force)
+    rows = measure_all(args.run_dir, results, recipe.measure, budget)
+    table = write_comparison(args.run_dir, rows, budget)
+    print(table.read_text(), end="")
+    print(f"variants: {table.parent}/<variant>/   plot: {table.parent / 'pareto.png'}")
+    return 0
+
+
 def _optimizers(args: argparse.Namespace) -> int:
     from gradwise.optim import list_optimizers
 
@@ -273,5 +318,6 @@ _COMMANDS = {
     "export": _export,
     "generate": _generate,
     "recipes": _recipes,
+    "compress": _compress,
     "optimizers": _optimizers,
 }

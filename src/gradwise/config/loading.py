@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -124,8 +125,11 @@ _HINTS = {
 }
 
 
-def describe_error(exc: ValidationError) -> str:
-    """Turn the first pydantic error into one line: path, value given, what is allowed."""
+def describe_error(exc: ValidationError, root: type[BaseModel] = RunConfig) -> str:
+    """Turn the first pydantic error into one line: path, value given, what is allowed.
+
+    ``root`` is the schema that was validated (a run config unless told otherwise).
+    """
     errors = exc.errors()
     err = errors[0]
     loc = _field_path(err["loc"])
@@ -133,7 +137,7 @@ def describe_error(exc: ValidationError) -> str:
     kind = err["type"]
     given = err.get("input")
     if kind == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+        parent = _section_at(loc[:-1], root)
         allowed = ", ".join(parent.model_fields) if parent is not None else "?"
         hint = _HINTS.get(path) or _HINTS.get(loc[-1])
         tail = f" ({hint})" if hint else ""
@@ -157,16 +161,31 @@ def _allowed(err: Any) -> str:
     return str(err["msg"]).lower().removeprefix("input should be ").removeprefix("value error, ")
 
 
-def _section_at(loc: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
+def _section_at(loc: list[str], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The schema section at ``loc``, stepping through optional sections, dict values and list items."""
+    ann: Any = root
     for key in loc:
-        field = model.model_fields.get(key)
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [ann, *get_args(ann)]
-        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if sub is None:
-            return None
-        model = sub
-    return model
+        ann = _unwrap_optional(ann)
+        if _is_model(ann):
+            field = ann.model_fields.get(key)
+            if field is None:
+                return None
+            ann = field.annotation
+        else:  # a dict key (a variant's name) or a list index: step into the container's value type
+            args = get_args(ann)
+            if not args:
+                return None
+            ann = args[-1]
+    ann = _unwrap_optional(ann)
+    return ann if _is_model(ann) else None
+
+
+def _unwrap_optional(ann: Any) -> Any:
+    if get_origin(ann) in (Union, UnionType):
+        members = [a for a in get_args(ann) if a is not type(None)]
+        return next((a for a in members if _is_model(a)), members[0])
+    return ann
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and get_origin(ann) is None and issubclass(ann, BaseModel)

@@ -127,6 +127,16 @@ class ModelConfig(Section):
     norm: Literal["none", "batch", "layer"] = "none"
     channels: list[PositiveInt] = [16, 32]
     kernel_size: PositiveInt = 3
+    keep_layers: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.keep_layers is not None:
+            if self.name != "hf_encoder":
+                raise ValueError(f"model.keep_layers applies to model.name 'hf_encoder' (got {self.name!r})")
+            if not self.keep_layers or self.keep_layers != sorted(set(self.keep_layers)):
+                raise ValueError(f"model.keep_layers must be a non-empty increasing list, got {self.keep_layers}")
+        return self
 
 
 class TaskConfig(Section):
@@ -285,6 +295,72 @@ class BatchConfig(Section):
         return self
 
 
+class PruneConfig(Section):
+    """Gradual magnitude pruning while training (Zhu & Gupta 2017, "To prune, or not to prune").
+
+    The sparsity of the pruned weights rises from ``initial_sparsity`` to
+    ``sparsity`` on the cubic schedule s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(t₁ − t₀))³,
+    re-pruning by magnitude every ``every_steps`` optimizer steps between
+    ``begin_fraction`` and ``end_fraction`` of the run; the rest of the run
+    recovers at the final sparsity. ``scope`` ``global`` ranks all pruned
+    weights together, ``layer`` prunes each tensor to the same sparsity.
+    ``include``/``exclude`` are glob patterns over parameter names; only
+    weights with two or more dimensions are ever pruned.
+    """
+
+    sparsity: Fraction
+    initial_sparsity: Fraction = 0.0
+    scope: Literal["global", "layer"] = "global"
+    begin_fraction: Fraction = 0.0
+    end_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
+    every_steps: PositiveInt = 10
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneConfig:
+        if self.initial_sparsity > self.sparsity:
+            raise ValueError(
+                f"prune.initial_sparsity ({self.initial_sparsity}) must not exceed prune.sparsity ({self.sparsity})"
+            )
+        if self.begin_fraction >= self.end_fraction:
+            raise ValueError(
+                f"prune.begin_fraction ({self.begin_fraction}) must be below prune.end_fraction ({self.end_fraction})"
+            )
+        return self
+
+
+class DistillConfig(Section):
+    """Knowledge distillation from a trained run (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network").
+
+    The loss is (1 − α)·CE(y, s) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)) with the
+    teacher ``teacher`` (a run directory, its ``checkpoint``) in eval mode under
+    no_grad; ``feature_weight`` > 0 adds the mean squared error between the
+    student's and the teacher's penultimate features (the input of ``head``;
+    Romero et al. 2015, "FitNets"), which needs equal widths.
+    """
+
+    teacher: Path
+    checkpoint: str = "best"
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    temperature: PositiveFloat = 4.0
+    feature_weight: NonNegFloat = 0.0
+
+
+class QATConfig(Section):
+    """Quantization-aware training: fake quantization in the forward pass while training.
+
+    (Jacob et al. 2018, "Quantization and Training of Neural Networks for
+    Efficient Integer-Arithmetic-Only Inference".) ``method`` ``dynamic`` fakes
+    int8 per-token activations and int8 (or int4) weights; ``weight_only`` fakes
+    the weights only. ``group_size`` applies to 4-bit weights.
+    """
+
+    method: Literal["dynamic", "weight_only"] = "dynamic"
+    bits: Literal[4, 8] = 8
+    group_size: PositiveInt = 32
+
+
 class RegularizeConfig(Section):
     """Penalties and gradient clipping.
 
@@ -392,6 +468,9 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    prune: PruneConfig | None = None
+    distill: DistillConfig | None = None
+    qat: QATConfig | None = None
     variants: dict[str, dict[str, Any]] | None = None
 
     @model_validator(mode="after")
@@ -414,6 +493,8 @@ class RunConfig(Section):
                 f"model.name {self.model.name!r} does not fit data.name {self.data.name!r}: transformers read text "
                 "(data.name topics/python_source, or data.text for a file), the other models read numbers"
             )
+        if self.distill is not None and self.task.kind in ("regression", "language_modeling"):
+            raise ValueError(f"distill needs a classification task (task.kind is {self.task.kind!r})")
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self

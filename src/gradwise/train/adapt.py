@@ -99,6 +99,10 @@ def prepare_for_training(cfg: RunConfig, model: nn.Module) -> TrainingAdaptation
         from gradwise.finetune.neftune import attach_neftune
 
         attach_neftune(model, ft.neftune_alpha)
+    if cfg.qat is not None:
+        from gradwise.compress.quantize import prepare_qat
+
+        prepare_qat(model, cfg.qat)  # fake quantization in the forward; weights stay fp32 and keep their names
     if cfg.model.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     return TrainingAdaptation(optim=optim, unfreezer=unfreezer)

@@ -203,6 +203,8 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
         parts.noise.add_(_parameters(optimizer), step)
     apply_decoupled_weight_decay(optimizer)
     optimizer.step()
+    if parts.pruner is not None:
+        parts.pruner.after_step(step + 1)  # pruned weights back to exactly zero; re-prune on schedule
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
     result = StepResult(loss=loss_value, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
@@ -243,7 +245,10 @@ def _evaluate(parts: RunParts, counters: Counters, log: MetricsLog, reporter: Pr
             f"(epoch {parts.sampler.progress:.2f}): training diverged"
         )
     parts.schedule.on_eval(value)
-    improved = parts.stopper.update(value, counters.step)
+    # While gradual pruning is still raising the sparsity, a "best" would be a denser model than the
+    # one this run makes: only evaluations at the final sparsity may become best or count for patience.
+    settled = parts.pruner is None or counters.step >= parts.pruner.end_step
+    improved = parts.stopper.update(value, counters.step) if settled else False
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
     return improved
@@ -262,6 +267,7 @@ def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
         "sampler": parts.sampler.state_dict(),
         "stopper": parts.stopper.state_dict(),
         "noise": parts.noise.state_dict() if parts.noise is not None else None,
+        "pruner": parts.pruner.state_dict() if parts.pruner is not None else None,
         "rng": capture_rng(),
     }
 
@@ -284,6 +290,8 @@ def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> N
     parts.stopper.load_state_dict(state["stopper"])
     if parts.noise is not None and state["noise"] is not None:
         parts.noise.load_state_dict(state["noise"])
+    if parts.pruner is not None and state.get("pruner") is not None:
+        parts.pruner.load_state_dict(state["pruner"])
     restore_rng(state["rng"])
     for key, value in state["counters"].items():
         setattr(counters, key, value)

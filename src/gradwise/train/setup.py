@@ -47,6 +47,7 @@ class RunParts:
     monitor: str
     total_steps: int
     unfreezer: Any | None = None  # gradwise.finetune.freezing.GradualUnfreezer
+    pruner: Any | None = None  # gradwise.compress.gradual.GradualPruner
 
 
 def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
@@ -69,6 +70,11 @@ def build_run(cfg: RunConfig) -> RunParts:
     """Build every component of a run from its config."""
     data, model, task, device = build_model_and_data(cfg, training=True)
     monitor = _resolve_monitor(cfg, task, model, data, device)
+    if cfg.distill is not None:
+        from gradwise.compress.distill import attach_teacher
+
+        # The teacher's outputs join the training targets once; evaluation keeps the plain labels.
+        task, data = attach_teacher(cfg, task, data, model, device)
     mode = monitor_mode(monitor, cfg.stop.mode)
     adaptation = prepare_for_training(cfg, model)
     optimizer = build_optimizer(model, adaptation.optim, cfg.regularize.weight_decay)
@@ -78,6 +84,11 @@ def build_run(cfg: RunConfig) -> RunParts:
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
     _check_plan(cfg, model, plan, total_steps)
+    pruner = None
+    if cfg.prune is not None:
+        from gradwise.compress.gradual import GradualPruner
+
+        pruner = GradualPruner(model, cfg.prune, total_steps)
     noise = (
         GradientNoise(cfg.noise.eta, cfg.noise.gamma, seed=cfg.seed + NOISE_SEED_OFFSET) if cfg.noise.eta > 0 else None
     )
@@ -101,6 +112,7 @@ def build_run(cfg: RunConfig) -> RunParts:
         monitor=monitor,
         total_steps=total_steps,
         unfreezer=adaptation.unfreezer,
+        pruner=pruner,
     )
 
 
