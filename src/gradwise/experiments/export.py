@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch import nn
 
 from gradwise.config import RunConfig, read_yaml, to_yaml, validate
 from gradwise.data.types import DataInfo
@@ -39,8 +40,21 @@ def load_run_model(run_dir: Path, checkpoint: str = "best", *, with_data: bool =
         data = None
         model, task, device = build_model_for(cfg, info)
     load_weights_into(model, load_model_state(ckpt), ckpt)
+    model = _restore_compression(run_dir, model)
     model.eval()
     return cfg, data, model, task, device
+
+
+def _restore_compression(run_dir: Path, model: nn.Module) -> nn.Module:
+    """A quantized variant (``gradwise compress``) swaps in its quantized weights after the fp32 structure."""
+    from gradwise.compress.variant import read_compression
+
+    quantization = read_compression(run_dir).get("quantization")
+    if not quantization:
+        return model
+    from gradwise.compress.quantize import restore_quantized
+
+    return restore_quantized(run_dir, model, quantization)
 
 
 def record_data(info: DataInfo, run_dir: Path) -> None:

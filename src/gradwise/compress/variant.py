@@ -1,0 +1,104 @@
+"""A compressed variant is a run directory: how one is written when no training made it, and read back.
+
+Steps that train (gradual pruning, QAT, distillation, recovery) get their run
+directory from the one loop. Steps that only transform weights (one-shot or
+structured pruning, post-training quantization) write the same layout here:
+``config.yaml`` (the config that builds the fp32 model), ``data_info.json``,
+``checkpoints/best`` (weights only), ``summary.json`` with the final
+evaluation, and ``compression.json`` saying what was done, so ``gradwise eval``
+and the next step read it like any run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gradwise.config import RunConfig
+from gradwise.data import Dataset
+from gradwise.errors import CheckpointError
+from gradwise.experiments.export import TOKENIZER_DIR, record_data
+from gradwise.experiments.rundir import write_config, write_summary
+from gradwise.models import count_parameters
+from gradwise.tasks import Task
+from gradwise.train.checkpoint import MODEL_FILE, atomic_write_text, save_checkpoint
+from gradwise.train.evaluate import evaluate
+
+COMPRESSION_FILE = "compression.json"
+
+
+def read_compression(run_dir: Path) -> dict[str, Any]:
+    """The compression record of a variant (empty for an ordinary run)."""
+    file = run_dir / COMPRESSION_FILE
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
+
+
+def write_compression(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / COMPRESSION_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def evaluate_splits(model: nn.Module, task: Task, data: Dataset, cfg: RunConfig, device: Any) -> dict[str, float]:
+    """Validation and test metrics of ``model`` (test only when the run has a test split)."""
+    metrics = dict(evaluate(model, task, data.val, "val", cfg.eval.batch_size, device, cfg.precision).metrics)
+    if len(data.test.y):
+        metrics.update(evaluate(model, task, data.test, "test", cfg.eval.batch_size, device, cfg.precision).metrics)
+    return metrics
+
+
+def start_model_run(run_dir: Path, cfg: RunConfig, state: dict[str, Any], data: Dataset, source: Path) -> None:
+    """Create ``run_dir`` with the config, data record, tokenizer and a weights-only ``best`` checkpoint."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a half-written variant of an earlier, interrupted compress
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, cfg)
+    record_data(data.info, run_dir)
+    if (source / TOKENIZER_DIR).is_dir() and not (run_dir / TOKENIZER_DIR).exists():
+        shutil.copytree(source / TOKENIZER_DIR, run_dir / TOKENIZER_DIR)
+    save_checkpoint(run_dir / "checkpoints", 0, state, {}, ["best"], weights_only=True)
+
+
+def finish_model_run(
+    run_dir: Path,
+    cfg: RunConfig,
+    model: nn.Module,
+    task: Task,
+    data: Dataset,
+    device: Any,
+    *,
+    monitor: str,
+    record: dict[str, Any],
+) -> dict[str, Any]:
+    """Write ``compression.json`` and a summary whose ``final`` metrics are those of ``model`` as given."""
+    write_compression(run_dir, record)
+    summary = {
+        "name": run_dir.name,
+        "status": "completed",
+        "stop_reason": f"compressed from {record.get('source', '?')}",
+        "task": data.info.kind,
+        "loss": task.loss_name,
+        "data": data.info.source,
+        "monitor": monitor,
+        "final": evaluate_splits(model, task, data, cfg, device),
+        "final_weights": "best",
+        "steps": 0,
+        "parameters": count_parameters(model),
+    }
+    write_summary(run_dir, summary)
+    return summary
+
+
+def weight_files(run_dir: Path) -> list[Path]:
+    """The files that hold a variant's weights as deployed: the quantized file, else the best checkpoint."""
+    quantization = read_compression(run_dir).get("quantization")
+    if quantization:
+        return [run_dir / quantization["file"]]
+    return [run_dir / "checkpoints" / "best" / MODEL_FILE]
