@@ -201,3 +201,13 @@ def test_torch_threads_are_left_as_found(source_run: Path, tmp_path: Path):
     rows = measure_all(run_dir, compress_run(run_dir, plan), plan.measure, source_budget(run_dir, plan))
     assert rows[0]["threads"] == 1
     assert torch.get_num_threads() == before
+
+
+def test_onnx_fp32_export_is_the_same_model(source_run: Path, tmp_path: Path):
+    run_dir = copy_run(source_run, tmp_path / "run")
+    [result] = compress_run(run_dir, recipe({"onnx-fp32": [{"quantize": {"method": "none"}}]}))
+    source = json.loads((run_dir / "summary.json").read_text())["final"]
+    exported = json.loads((result.directory / "summary.json").read_text())["final"]
+    assert exported["test_accuracy"] == source["test_accuracy"]
+    assert exported["test_loss"] == pytest.approx(source["test_loss"], abs=1e-5)
+    assert (result.directory / "model.onnx").stat().st_size > 4 * 6000  # fp32 weights, not int8

@@ -10,8 +10,12 @@ functions: most runs never need them.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +40,27 @@ _WEIGHT_TYPES = {1, 2, 3, 6, 10, 11, 16, 21, 22}
 _QPARAM_SUFFIXES = ("scale", "scales", "zero_point", "zero_points", "_zp")
 
 
+@contextmanager
+def _quiet_tools() -> Iterator[None]:
+    """Silence what the exporter and the quantizer print on every call but a user cannot act on.
+
+    The exporter logs one line per torchvision op it cannot register and torch warns about its own
+    pytree internals; onnxruntime's quantizer logs "consider pre-processing" through the root logger.
+    Errors still show.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _tmp_path(file: Path) -> Path:
     return file.with_name(f".{file.name}.tmp-{os.getpid()}")
 
@@ -58,22 +83,23 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, file: Path) -> Pa
     was_training = model.training
     model.eval()
     tmp = _tmp_path(file)
-    try:
-        torch.onnx.export(
-            model,
-            (x,),
-            str(tmp),
-            dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=(axes,),
-            external_data=False,
-            verbose=False,
-        )
-        os.replace(tmp, file)
-    finally:
-        model.train(was_training)
-        tmp.unlink(missing_ok=True)
+    with _quiet_tools():
+        try:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=(axes,),
+                external_data=False,
+                verbose=False,
+            )
+            os.replace(tmp, file)
+        finally:
+            model.train(was_training)
+            tmp.unlink(missing_ok=True)
     return file
 
 
@@ -113,31 +139,34 @@ def quantize_onnx(src: Path, dst: Path, spec: QuantizeSpec, calibration: list[np
 
     src, dst = Path(src), Path(dst)
     tmp = _tmp_path(dst)
-    try:
-        if spec.method == "dynamic":
-            quantize_dynamic(
-                src, tmp, op_types_to_quantize=QUANTIZED_OPS, per_channel=True, weight_type=QuantType.QInt8
-            )
-        elif spec.method == "static":
-            if not calibration:
-                raise ConfigError("quantize.method 'static' needs calibration batches (quantize.calibration_samples)")
-            quantize_static(
-                src,
-                tmp,
-                _Calibration(calibration, INPUT_NAME),
-                quant_format=QuantFormat.QOperator,
-                op_types_to_quantize=QUANTIZED_OPS,
-                per_channel=True,
-                # This CPU has VNNI (the onnxruntime docs' case for uint8 activations without reduce_range).
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
-        else:
-            _weight_only(src, tmp, spec)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _quiet_tools():
+        try:
+            if spec.method == "none":  # the fp32 graph as exported: ONNX Runtime's own speed, no int8
+                shutil.copyfile(src, tmp)
+            elif spec.method == "dynamic":
+                quantize_dynamic(
+                    src, tmp, op_types_to_quantize=QUANTIZED_OPS, per_channel=True, weight_type=QuantType.QInt8
+                )
+            elif spec.method == "static":
+                if not calibration:
+                    raise ConfigError("quantize.method 'static' needs calibration batches (calibration_samples)")
+                quantize_static(
+                    src,
+                    tmp,
+                    _Calibration(calibration, INPUT_NAME),
+                    quant_format=QuantFormat.QOperator,
+                    op_types_to_quantize=QUANTIZED_OPS,
+                    per_channel=True,
+                    # This CPU has VNNI (the onnxruntime docs' case for uint8 activations without reduce_range).
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+            else:
+                _weight_only(src, tmp, spec)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     return dst
 
 

@@ -42,9 +42,16 @@ CALIBRATION_BATCH = 64
 # Accuracy on the topics test split (172 rows, head trained on frozen features) moved by at most one example
 # for onnxruntime dynamic and torchao; onnxruntime is as fast or faster without torch.compile's warm-up and is
 # the only CPU int4 path. torchao stays selectable (backend: torchao) and is the QAT path.
-DEFAULT_BACKEND: dict[str, str] = {"dynamic": "onnxruntime", "weight_only": "onnxruntime", "static": "onnxruntime"}
+DEFAULT_BACKEND: dict[str, str] = {
+    "dynamic": "onnxruntime",
+    "weight_only": "onnxruntime",
+    "static": "onnxruntime",
+    "none": "onnxruntime",
+}
 
-_METHODS = ("dynamic", "weight_only", "static")
+# "none" deploys the fp32 graph through ONNX Runtime: the baseline that separates the runtime's own
+# speed from what int8 adds.
+_METHODS = ("dynamic", "weight_only", "static", "none")
 _BACKENDS = ("torchao", "onnxruntime")
 
 
@@ -74,6 +81,8 @@ class QuantizeSpec:
             raise ConfigError(f"quantize.bits {self.bits} is not 8 or 4")
         if self.backend not in _BACKENDS:
             raise ConfigError(f"quantize.backend {self.backend!r} is not one of {', '.join(_BACKENDS)}")
+        if self.method == "none" and self.backend != "onnxruntime":
+            raise ConfigError("quantize.method 'none' (an fp32 export) needs quantize.backend 'onnxruntime'")
         if self.bits == 4 and self.method != "weight_only":
             raise ConfigError(f"quantize.bits 4 is for method 'weight_only'; method {self.method!r} is int8 only")
         if self.group_size < 1 or self.calibration_samples < 1:

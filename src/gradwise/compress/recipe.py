@@ -64,12 +64,15 @@ class PruneStep(Section):
 class QuantizeStep(Section):
     """Post-training quantization (``dynamic``, ``weight_only``, ``static`` with calibration), or QAT first.
 
+    ``none`` exports the fp32 model to ONNX Runtime unquantized: the reference that tells the
+    runtime's own speed-up apart from what int8 adds.
+
     ``backend`` ``auto`` takes the backend measured fastest here for the method
     (see :data:`gradwise.compress.quantize.DEFAULT_BACKEND`); ``qat`` fine-tunes
     with fake quantization (the step's ``train`` overrides) before converting.
     """
 
-    method: Literal["dynamic", "weight_only", "static"] = "dynamic"
+    method: Literal["dynamic", "weight_only", "static", "none"] = "dynamic"
     bits: Literal[4, 8] = 8
     backend: Literal["auto", "torchao", "onnxruntime"] = "auto"
     group_size: PositiveInt = 32
@@ -80,6 +83,8 @@ class QuantizeStep(Section):
     def _check(self) -> QuantizeStep:
         if self.method == "static" and self.bits != 8:
             raise ValueError("quantize.method 'static' is int8 only; set quantize.bits to 8")
+        if self.method == "none" and (self.qat or self.backend == "torchao"):
+            raise ValueError("quantize.method 'none' is an fp32 ONNX Runtime export: no qat, backend onnxruntime")
         if self.qat and self.method == "static":
             raise ValueError("quantize.qat fakes dynamic or weight-only quantization; use method dynamic/weight_only")
         return self
