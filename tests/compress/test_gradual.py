@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,29 @@ def test_fit_prunes_to_the_final_sparsity(tmp_path: Path):
     assert summary["final"]["test_accuracy"] > 0.8
 
 
+def test_best_is_chosen_only_at_the_final_sparsity(tmp_path: Path):
+    # Start from trained weights and prune hard: the evaluation at step 7 (sparsity still rising) scores
+    # better than any at the final 0.95 (reached at step 14 of 27), but a denser model is not what this
+    # run makes, so "best" must come from steps 14, 21 or 27.
+    fit(run_config(prune=None), tmp_path / "dense")
+    cfg = run_config(
+        model={"init_from": str(tmp_path / "dense")},
+        optim={"lr": 0.001},
+        prune={"sparsity": 0.95, "initial_sparsity": 0.0},
+    )
+    summary = fit(cfg, tmp_path / "run")
+    evals = {line["step"]: line["val_accuracy"] for line in read_evals(tmp_path / "run")}
+    assert evals[7] > max(evals[14], evals[21], evals[27])  # the trap is real
+    assert summary["best"]["step"] >= 14
+    state = load_model_state(tmp_path / "run" / "checkpoints" / "best")
+    assert weight_zeros(state, ["body.0.linear.weight", "head.weight"]) == (round(0.95 * 2368), 2368)
+
+
+def read_evals(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "eval"]
+
+
 def test_fit_resumes_pruning_bit_exactly(tmp_path: Path):
     cfg = run_config()
     fit(cfg, tmp_path / "whole")
@@ -218,15 +242,13 @@ def test_lenet_300_100_pruned_12x_keeps_its_accuracy(tmp_path: Path):
         {
             **base,
             "model": {**base["model"], "init_from": str(tmp_path / "dense")},
-            # The last weights are the fully pruned ones; the best could predate the final sparsity.
-            "stop": {"epochs": 20, "restore_best": False},
+            "stop": {"epochs": 20},
             "prune": {"sparsity": 1 - 1 / 12, "end_fraction": 0.6, "every_steps": 10},
         }
     )
     pruned = fit(pruning, tmp_path / "pruned")
-    state = load_model_state(tmp_path / "pruned" / "checkpoints" / "last")
+    state = load_model_state(tmp_path / "pruned" / "checkpoints" / "best")
     zero, total = weight_zeros(state, ["body.0.linear.weight", "body.1.linear.weight", "head.weight"])
     assert total == 64 * 300 + 300 * 100 + 100 * 10  # 50200
     assert total - zero == round(total / 12)  # 4183 nonzero weights
-    assert pruned["final_weights"] == "last"
     assert pruned["final"]["test_accuracy"] >= dense["final"]["test_accuracy"] - 0.005
