@@ -211,3 +211,12 @@ def test_onnx_fp32_export_is_the_same_model(source_run: Path, tmp_path: Path):
     assert exported["test_accuracy"] == source["test_accuracy"]
     assert exported["test_loss"] == pytest.approx(source["test_loss"], abs=1e-5)
     assert (result.directory / "model.onnx").stat().st_size > 4 * 6000  # fp32 weights, not int8
+
+
+def test_export_of_a_quantized_variant_is_the_quantized_file(source_run: Path, tmp_path: Path):
+    run_dir = copy_run(source_run, tmp_path / "run")
+    [result] = compress_run(run_dir, recipe({"int8": [{"quantize": {"method": "dynamic"}}]}))
+    assert main(["export", str(result.directory), "-o", str(tmp_path / "out")]) == 0
+    exported = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert exported == ["compression.json", "config.yaml", "model.onnx"]
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == (result.directory / "model.onnx").read_bytes()

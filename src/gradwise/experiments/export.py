@@ -84,8 +84,10 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
         saved = validate(read_yaml(config_file), source=str(config_file))
         if saved.finetune.lora is None:
             raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
-    cfg, _, model, _, _ = load_run_model(run_dir, checkpoint, with_data=False)
     out = out or run_dir / "export"
+    if _export_quantized(run_dir, out):
+        return out
+    cfg, _, model, _, _ = load_run_model(run_dir, checkpoint, with_data=False)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.finetune.lora is not None:
         from gradwise.finetune.lora import merge_lora, save_adapter
@@ -101,6 +103,21 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
     save_file(state, str(out / "model.safetensors"), metadata={"source": str(run_dir), "merged": str(merge)})
     _copy_extras(run_dir, out, cfg)
     return out
+
+
+def _export_quantized(run_dir: Path, out: Path) -> bool:
+    """A quantized variant exports as written: its quantized file, compression record, config and tokenizer."""
+    from gradwise.compress.variant import COMPRESSION_FILE, read_compression
+
+    quantization = read_compression(run_dir).get("quantization")
+    if not quantization:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (quantization["file"], COMPRESSION_FILE, CONFIG_FILE):
+        shutil.copyfile(run_dir / name, out / name)
+    if (run_dir / TOKENIZER_DIR).is_dir():
+        shutil.copytree(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR, dirs_exist_ok=True)
+    return True
 
 
 def _copy_extras(run_dir: Path, out: Path, cfg: RunConfig) -> None:
