@@ -137,6 +137,8 @@ def build_hf_encoder(cfg: ModelConfig, info: DataInfo) -> HFEncoderClassifier:
         raise ConfigError(f"model.path: {directory} does not hold a text encoder (no hidden_size / input embeddings)")
     if isinstance(getattr(body, "pooler", None), nn.Module):
         body.pooler = None  # BERT-like forwards skip a None pooler
+    if cfg.keep_layers is not None:
+        keep_layers(body, cfg.keep_layers, directory)
     if info.vocab_size is not None and info.vocab_size > body.get_input_embeddings().num_embeddings:
         raise ConfigError(
             f"model.path: the tokenizer has {info.vocab_size} tokens but the model in {directory} embeds only "
@@ -152,6 +154,42 @@ def build_hf_encoder(cfg: ModelConfig, info: DataInfo) -> HFEncoderClassifier:
         _enable_checkpointing(body, directory)
     model = HFEncoderClassifier(body, info.n_outputs, info.pad_token_id, cfg.pooling, cfg.dropout)
     return model.train()  # from_pretrained leaves the body in eval mode; a new model starts in training mode
+
+
+def keep_layers(body: nn.Module, keep: list[int], directory: Path) -> None:
+    """Keep only the layers ``keep`` (0-based, bottom first) of ``body``'s pretrained stack, in place.
+
+    A smaller student starts from every other layer of its teacher, as DistilBERT
+    does; ``num_hidden_layers`` in the body's config follows, so saving and
+    rebuilding the body agree.
+
+    Raises:
+        ConfigError: an index is out of range.
+
+    References:
+        Sanh et al. 2019, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter".
+    """
+    layers = _layer_list(body)
+    out_of_range = [i for i in keep if not 0 <= i < len(layers)]
+    if out_of_range:
+        raise ConfigError(
+            f"model.keep_layers: {out_of_range} out of range; the model in {directory} has {len(layers)} layers "
+            f"(indices 0 to {len(layers) - 1})"
+        )
+    kept = nn.ModuleList(layers[i] for i in keep)
+    for new_index, layer in enumerate(kept):
+        # Cache-aware attention looks its layer up by index; keep those indices consecutive.
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    parent = _parent_of(body, layers)
+    name = next(name for name, child in parent.named_children() if child is layers)
+    setattr(parent, name, kept)
+    if hasattr(body.config, "num_hidden_layers"):
+        body.config.num_hidden_layers = len(kept)
+    layer_types = getattr(body.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == len(layers):  # per-layer settings (e.g. ModernBERT)
+        body.config.layer_types = [layer_types[i] for i in keep]
 
 
 # --------------------------------------------------------------------------- helpers
