@@ -122,11 +122,18 @@ def test_recipes_list_and_copy(capsys, tmp_path):
     lines = out.strip().splitlines()
     assert len(lines) == len(list_recipes()) >= 5
     for line in lines:
-        name, description = line.split(maxsplit=1)
+        name, command, description = line.split(maxsplit=2)
         assert (Path(__file__).parents[1] / "recipes" / f"{name}.yaml").exists()
+        assert command == ("compress" if name.startswith("compress-") else "train")
         assert len(description) > 20
     code, out, _ = run_main(capsys, "recipes", "copy", "digits-cnn", str(tmp_path))
     assert code == 0 and (tmp_path / "digits-cnn.yaml").exists()
+
+
+def test_train_refuses_a_compression_recipe_with_the_command_that_reads_it(capsys):
+    code, _, err = run_main(capsys, "train", "compress-digits-mlp")
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "gradwise compress RUN_DIR compress-digits-mlp" in err
 
 
 def test_every_subcommand_has_help_with_an_example():

@@ -175,13 +175,18 @@ def _quiet_library_loggers() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
-    from gradwise.experiments.recipes import find_recipe
+    from gradwise.errors import ConfigError
+    from gradwise.experiments.recipes import COMPRESS_PREFIX, find_recipe
     from gradwise.experiments.rundir import check_resumable, new_run_dir
     from gradwise.experiments.variants import run_variants
     from gradwise.train.loop import fit
 
     recipe = find_recipe(args.recipe)
     raw = apply_overrides(read_yaml(recipe), args.overrides)
+    if "budget" in raw or recipe.stem.startswith(COMPRESS_PREFIX):
+        raise ConfigError(
+            f"{recipe}: a compression recipe; run it on a trained run: gradwise compress RUN_DIR {args.recipe}"
+        )
     cfg = validate(raw, source=str(recipe))
     if cfg.variants:
         parent = run_variants(raw, cfg, str(recipe), recipe.stem)
@@ -280,7 +285,7 @@ def _recipes(args: argparse.Namespace) -> int:
     recipes = list_recipes()
     width = max(len(r.name) for r in recipes)
     for recipe in recipes:
-        print(f"{recipe.name:<{width}}  {recipe.description}")
+        print(f"{recipe.name:<{width}}  {recipe.command:<8}  {recipe.description}")
     return 0
 
 

@@ -13,7 +13,7 @@ from gradwise.experiments.variants import run_variants, variant_configs
 from gradwise.train.checkpoint import load_model_state
 from gradwise.train.loop import fit
 
-RECIPES = {recipe.name: recipe.path for recipe in list_recipes()}
+RECIPES = {recipe.name: recipe.path for recipe in list_recipes() if recipe.command == "train"}
 QUIET = {"log": {"progress": False, "plots": False}}
 
 

@@ -11,12 +11,20 @@ import yaml
 
 from gradwise.errors import ConfigError
 
+# Compression recipes are read by `gradwise compress RUN_DIR NAME`; their names start with this.
+COMPRESS_PREFIX = "compress-"
+
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
     path: Path
+
+    @property
+    def command(self) -> str:
+        """The subcommand that reads this recipe."""
+        return "compress" if self.name.startswith(COMPRESS_PREFIX) else "train"
 
 
 def recipes_dir() -> Path:
