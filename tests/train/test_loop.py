@@ -270,3 +270,30 @@ def test_a_decay_that_never_fires_is_a_warning(tmp_path: Path):
 
     with pytest.warns(GradwiseWarning, match="schedule.milestones: 500 is beyond the run's 18 steps"):
         fit(config(schedule={"name": "multistep", "milestones": [500]}), tmp_path / "r")
+
+
+def test_hooks_see_every_step_and_evaluation_and_may_end_the_run(tmp_path: Path):
+    from gradwise.train.loop import FitHooks
+
+    seen_steps, seen_evals = [], []
+
+    def after_step(step: int, loss: float) -> str | None:
+        seen_steps.append((step, loss))
+        return "range test diverged" if step == 12 else None
+
+    summary = fit(config(eval={"every_steps": 5}), tmp_path / "a", hooks=FitHooks(after_step=after_step))
+    assert summary["status"] == "stopped" and summary["stop_reason"] == "range test diverged"
+    assert summary["steps"] == 12
+    assert [s for s, _ in seen_steps] == list(range(1, 13))
+    assert [line["loss"] for line in read_lines(tmp_path / "a", "train")] == [loss for _, loss in seen_steps]
+
+    def after_eval(step: int, metrics: dict[str, float]) -> str | None:
+        seen_evals.append((step, metrics["val_accuracy"]))
+        return "pruned by the sweep" if step == 10 else None
+
+    summary = fit(config(eval={"every_steps": 5}), tmp_path / "b", hooks=FitHooks(after_eval=after_eval))
+    # The reason goes through the early stopper, as patience would: the best weights are restored.
+    assert summary["status"] == "early_stopped" and summary["stop_reason"] == "pruned by the sweep"
+    assert [s for s, _ in seen_evals] == [5, 10] and summary["steps"] == 10
+    logged = [line["val_accuracy"] for line in read_lines(tmp_path / "b", "eval")]
+    assert logged[:2] == [v for _, v in seen_evals]

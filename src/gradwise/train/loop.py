@@ -54,6 +54,20 @@ class Counters:
 
 
 @dataclass(frozen=True)
+class FitHooks:
+    """Outside observers of a run; each may end it by returning a reason (None = go on).
+
+    ``after_step(step, loss)`` runs after every optimizer step (the LR finder stops
+    a diverging range test); ``after_eval(step, val_metrics)`` after every
+    evaluation, and its reason stops the run through the early stopper, like
+    patience would (a sweep's pruner ends a weak trial).
+    """
+
+    after_step: Callable[[int, float], str | None] | None = None
+    after_eval: Callable[[int, dict[str, float]], str | None] | None = None
+
+
+@dataclass(frozen=True)
 class StepResult:
     loss: float
     lr: float
@@ -67,6 +81,7 @@ def fit(
     *,
     resume: bool = False,
     stop_requested: Callable[[], bool] | None = None,
+    hooks: FitHooks | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` (resuming from its ``last`` checkpoint) and return the summary.
 
@@ -77,6 +92,7 @@ def fit(
         stop_requested: Polled after every step; when it returns True the loop
             saves a checkpoint and ends the run as ``interrupted``. Ctrl-C and
             SIGTERM do the same.
+        hooks: Outside observers that may end the run (see :class:`FitHooks`).
     """
     parts = build_run(cfg)
     counters = Counters()
@@ -127,11 +143,18 @@ def fit(
 
                 counters.elapsed_s = time.perf_counter() - started
                 if _eval_due(cfg, epoch_ended, step, parts.total_steps):
-                    improved = _evaluate(parts, counters, log, reporter)
+                    improved, metrics = _evaluate(parts, counters, log, reporter)
+                    judged = hooks.after_eval(step, metrics) if hooks and hooks.after_eval else None
+                    if judged:
+                        parts.stopper.stop(judged)
                     keeper.after_eval(step, improved)
                 keeper.after_step(step)
                 if parts.stopper.should_stop:
                     stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
+                    break
+                halted = hooks.after_step(step, result.loss) if hooks and hooks.after_step else None
+                if halted:
+                    stop_reason, status = halted, "stopped"
                     break
                 if interrupted() or (stop_requested is not None and stop_requested()):
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
@@ -225,8 +248,10 @@ def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) ->
 # --------------------------------------------------------------------------- evaluation and checkpoints
 
 
-def _evaluate(parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter) -> bool:
-    """Evaluate on the validation split, log it, feed the schedule and the stopper; True on a new best."""
+def _evaluate(
+    parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter
+) -> tuple[bool, dict[str, float]]:
+    """Evaluate on the validation split, log it, feed the schedule and the stopper; (new best?, metrics)."""
     result = _evaluate_split(parts, "val")
     value = result.metrics[parts.monitor]
     log.write(
@@ -251,7 +276,7 @@ def _evaluate(parts: RunParts, counters: Counters, log: MetricsLog, reporter: Pr
     improved = parts.stopper.update(value, counters.step) if settled else False
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
-    return improved
+    return improved, result.metrics
 
 
 def _evaluate_split(parts: RunParts, split: str) -> Evaluation:

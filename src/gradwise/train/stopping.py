@@ -52,6 +52,10 @@ class EarlyStopping:
             )
         return False
 
+    def stop(self, reason: str) -> None:
+        """End the run at this evaluation for an outside judge's ``reason`` (a sweep's pruner)."""
+        self.stop_reason = reason
+
     @property
     def should_stop(self) -> bool:
         return self.stop_reason is not None
