@@ -438,10 +438,18 @@ class CheckpointConfig(Section):
 
 
 class LogConfig(Section):
-    """Console progress and the plots written at the end of a run."""
+    """Console progress, the plots written at the end of a run, and experiment trackers.
+
+    ``tensorboard`` writes TensorBoard event files to ``RUN/tensorboard/``;
+    ``mlflow`` is an MLflow tracking URI (``local`` = a file store in
+    ``<out_dir>/mlruns``) that gets the config as params, every logged metric
+    and the run's summary, plots and config as artifacts.
+    """
 
     progress: bool = True
     plots: bool = True
+    tensorboard: bool = False
+    mlflow: str | None = None
 
 
 class RunConfig(Section):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -115,10 +116,15 @@ class MetricsLog:
     Lines are buffered and flushed at evaluations and checkpoints, so logging
     every step costs almost nothing on the hot path. On resume the log is cut
     back to the checkpoint's step, so a killed run never leaves duplicates.
+    Each record is also handed to every ``listeners`` callable (experiment
+    trackers: TensorBoard, MLflow), so they see exactly what the file holds.
     """
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, resume_step: int | None = None, listeners: Sequence[Callable[[dict[str, Any]], None]] = ()
+    ) -> None:
         self.path = run_dir / METRICS_FILE
+        self.listeners = list(listeners)
         if resume_step is not None:
             self._truncate_after(resume_step)
         self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # closed in close()
@@ -138,6 +144,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def flush(self) -> None:
         self._handle.flush()

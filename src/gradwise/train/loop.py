@@ -102,7 +102,8 @@ def fit(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
         record_data(parts.data.info, run_dir)
-    log = MetricsLog(run_dir, resume_step=counters.step if resume else None)
+    trackers = _open_trackers(cfg, run_dir, resume)
+    log = MetricsLog(run_dir, resume_step=counters.step if resume else None, listeners=[t.log for t in trackers])
     keeper = CheckpointKeeper(
         run_dir / "checkpoints",
         cfg.checkpoint,
@@ -168,7 +169,10 @@ def fit(
                 else "no checkpoint had been written yet"
             )
             message = f"{exc}; {kept} — lower optim.lr or set regularize.clip_grad_norm"
-            write_summary(run_dir, {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step})
+            failed = {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step}
+            write_summary(run_dir, failed)
+            for tracker in trackers:
+                tracker.finish(failed, run_dir)
             raise TrainingError(message) from None
         finally:
             log.close()
@@ -176,8 +180,19 @@ def fit(
 
     counters.elapsed_s = time.perf_counter() - started
     summary = _finish(parts, counters, run_dir, name, status, stop_reason)
+    for tracker in trackers:
+        tracker.finish(summary, run_dir)
     reporter.note(_final_line(summary))
     return summary
+
+
+def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
+    """TensorBoard / MLflow trackers asked for in ``log`` (their libraries load only then)."""
+    if not (cfg.log.tensorboard or cfg.log.mlflow):
+        return []
+    from gradwise.experiments.tracking import open_trackers
+
+    return open_trackers(cfg, run_dir, resume=resume)
 
 
 # --------------------------------------------------------------------------- one optimizer step
