@@ -52,6 +52,9 @@ def write_pareto_plot(rows: list[dict[str, Any]], out: Path) -> Path:
             xs = [points[i][0] for i in front]
             ys = [points[i][1] for i in front]
             ax.step(xs, ys, where="post", color="tab:blue", alpha=0.5, lw=1.5, label="Pareto frontier")
+        placed: list[tuple[float, float]] = []
+        values = [r["metric_value"] for r in rows if r["metric_value"] is not None]
+        span = (max(values) - min(values)) or 1.0
         for row in rows:
             if row["metric_value"] is None:
                 continue
@@ -62,13 +65,22 @@ def write_pareto_plot(rows: list[dict[str, Any]], out: Path) -> Path:
                 ax.plot([x], [y], "x", color="grey", ms=9, zorder=4)
             else:
                 ax.plot([x], [y], "o", color="tab:blue", ms=7, zorder=4)
-            ax.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
-        ax.set_xscale("log")
-        ax.set_xlabel(xlabel + " — log scale")
+            # Variants at the same spot (an export and its source, a rejected chain and its first step):
+            # stack their labels instead of printing them on top of each other.
+            near = sum(1 for px, py in placed if abs(px - x) <= 0.05 * max(x, 1e-12) and abs(py - y) <= 0.02 * span)
+            placed.append((x, y))
+            ax.annotate(
+                row["variant"], (x, y), textcoords="offset points", xytext=(6, 4 - 10 * near), fontsize="x-small"
+            )
+        costs = [cost(r) for r in rows if r["metric_value"] is not None]
+        if min(costs) > 0 and max(costs) / min(costs) > 10:
+            ax.set_xscale("log")
+            xlabel += " — log scale"
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
         ax.grid(alpha=0.3, which="both")
         if any(r["status"] == "rejected" for r in rows):
             ax.plot([], [], "x", color="grey", label="rejected (over budget)")
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="best")
     fig.suptitle(f"Compression trade-offs: {metric} vs speed and size (upper left is better)")
     return _save(fig, out)
