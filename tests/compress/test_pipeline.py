@@ -220,3 +220,14 @@ def test_export_of_a_quantized_variant_is_the_quantized_file(source_run: Path, t
     exported = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert exported == ["compression.json", "config.yaml", "model.onnx"]
     assert (tmp_path / "out" / "model.onnx").read_bytes() == (result.directory / "model.onnx").read_bytes()
+
+
+def test_a_step_with_an_intermediate_run_keeps_it_beside_and_reachable(source_run: Path, tmp_path: Path):
+    run_dir = copy_run(source_run, tmp_path / "run")
+    plan = recipe({"s50": [{"prune": {"structured": 0.5}, "train": {"stop.epochs": 2}}]}, max_drop=0.2)
+    [result] = compress_run(run_dir, plan)
+    cfg = yaml.safe_load((result.directory / "config.yaml").read_text())
+    assert cfg["model"]["hidden"] == [32, 16]
+    # The recovery run started from the pruned intermediate, which is still where its config says.
+    assert Path(cfg["model"]["init_from"]) == result.directory / "steps" / "01-prune-structured"
+    assert (Path(cfg["model"]["init_from"]) / "checkpoints" / "best").exists()

@@ -10,6 +10,7 @@ Layout::
 
     RUN/compressed/<variant>/            the variant (its last step): a run directory
     RUN/compressed/<variant>/steps/NN-*  earlier steps of a chain, and a step's own intermediates
+                                         (NN-prune-structured before its recovery, NN-quantize-qat)
     RUN/compressed/comparison.{md,json}, pareto.png
 """
 
@@ -196,7 +197,7 @@ def _prune_step(step: Step, source: Path, out: Path, name: str, monitor: str) ->
         example = gather(data.train.x, data.train.lengths, rows).to(device)
         model, model_cfg = prune_structured(model, cfg.model, p.structured, example)
         pruned_cfg = cfg.model_copy(update={"model": model_cfg.model_copy(update={"init_from": None})})
-        pruned = out / "steps" / "structured" if step.train else out
+        pruned = _beside(out, "structured") if step.train else out
         start_model_run(pruned, pruned_cfg, model.state_dict(), data, source)
         record = {"source": str(source), "structured": p.structured, "model": model_cfg.model_dump(mode="json")}
         finish_model_run(pruned, pruned_cfg, model, task, data, device, monitor=monitor, record=record)
@@ -238,7 +239,7 @@ def _quantize_step(step: Step, source: Path, out: Path, name: str, monitor: str)
     if q.qat:
         raw = _source_raw(source)
         raw["qat"] = {"method": q.method, "bits": q.bits, "group_size": q.group_size}
-        trained = out / "steps" / "qat"
+        trained = _beside(out, "qat")
         _train(raw, step, trained, name + "-qat", init_from=source)
         source = trained
     backend = DEFAULT_BACKEND[q.method] if q.backend == "auto" else q.backend
@@ -281,6 +282,15 @@ def _quantize(
     fp32 = export_onnx(model, example, work / "fp32.onnx")
     int8 = quantize_onnx(fp32, work / "int8.onnx", spec, batches if spec.method == "static" else None)
     return OnnxModule(int8)
+
+
+def _beside(out: Path, what: str) -> Path:
+    """A step's intermediate run (e.g. the structurally pruned model before recovery), next to the step.
+
+    Not inside it: the last step is moved up into the variant directory, and the run that follows
+    the intermediate names it in ``model.init_from``, which must stay valid.
+    """
+    return out.parent / f"{out.name}-{what}"
 
 
 # --------------------------------------------------------------------------- training steps
