@@ -79,6 +79,8 @@ def write_pareto_plot(rows: list[dict[str, Any]], out: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_metric_label(metric))
         ax.grid(alpha=0.3, which="both")
+        if any(r["status"] == "accepted" for r in rows):
+            ax.plot([], [], "o", color="tab:blue", label="variant within budget")
         if any(r["status"] == "rejected" for r in rows):
             ax.plot([], [], "x", color="grey", label="rejected (over budget)")
         ax.legend(fontsize="small", loc="best")
