@@ -8,8 +8,10 @@ skipped, so a broken report cannot pass unseen.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,13 +68,16 @@ def ensure_browser(browser: Path, installer: Path) -> Path:
     """``browser``, installed by ``installer`` first when missing; pytest.fail (never skip) if that fails."""
     if os.access(browser, os.X_OK):
         return browser
-    result = subprocess.run(
-        ["bash", str(installer)],
-        env={**os.environ, "GRADWISE_TEST_BROWSER": str(browser)},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    # pytest-xdist workers may all get here at once: one installs, the others wait for it (apt has one lock).
+    with open(Path(tempfile.gettempdir()) / "gradwise-test-browser.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(
+            ["bash", str(installer)],
+            env={**os.environ, "GRADWISE_TEST_BROWSER": str(browser)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if result.returncode != 0 or not os.access(browser, os.X_OK):
         message = (result.stderr or result.stdout).strip().splitlines()
         pytest.fail(f"the report tests need {browser}; {installer.name} failed: {message[-1] if message else '?'}")
