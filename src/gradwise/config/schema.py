@@ -193,7 +193,7 @@ class ScheduleConfig(Section):
 
     name: ScheduleName = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
-    gamma: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    gamma: PositiveFloat | None = None  # > 1 grows the LR (exponential): the LR range test does
     step_size: PositiveInt | None = None
     milestones: list[PositiveInt] = []
     min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
