@@ -441,9 +441,10 @@ class LogConfig(Section):
     """Console progress, the plots written at the end of a run, and experiment trackers.
 
     ``tensorboard`` writes TensorBoard event files to ``RUN/tensorboard/``;
-    ``mlflow`` is an MLflow tracking URI (``local`` = a file store in
-    ``<out_dir>/mlruns``) that gets the config as params, every logged metric
-    and the run's summary, plots and config as artifacts.
+    ``mlflow`` is an MLflow tracking URI (``local`` = an SQLite store,
+    ``<out_dir>/mlruns.db``; MLflow 3 refuses plain file stores) that gets the
+    config as params, every logged metric and the run's summary, plots and
+    config as artifacts.
     """
 
     progress: bool = True
