@@ -130,6 +130,96 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--only", default=None, help="comma-separated variants to make (default: all)")
     comp.add_argument("--force", action="store_true", help="remake variants even when already made")
 
+    sw = sub.add_parser(
+        "sweep",
+        help="hyperparameter search with Optuna over a space file",
+        formatter_class=fmt,
+        description="Search the config paths listed in SPACE (choices, loguniform(a, b), uniform(a, b), int(a, b)) "
+        "around RECIPE with Optuna; every trial is a run directory under the sweep directory, the study lives in a "
+        "database (SQLite in the sweep directory unless --storage), and running the same command again continues "
+        "it. Weak trials are pruned from their validation metrics. Writes best.yaml (a ready-to-run recipe), "
+        "trials.md and trials.png.\n\n"
+        "examples:\n  gradwise sweep digits-mlp recipes/spaces/digits-mlp.yaml --trials 30\n"
+        "  gradwise sweep my.yaml space.yaml --sampler random --pruner hyperband --storage postgresql://host/db",
+    )
+    sw.add_argument("recipe", help="recipe YAML file or bundled recipe name")
+    sw.add_argument("space", help="space YAML file (config.path: choices or a range) or bundled space name")
+    sw.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides on the recipe")
+    sw.add_argument("--trials", type=int, default=20, help="finished trials to reach (counting earlier ones)")
+    sw.add_argument("--jobs", type=int, default=1, help="trials run at once")
+    sw.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    sw.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    sw.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the sweep directory)")
+    sw.add_argument("--name", default=None, help="sweep directory name (default: sweep-<recipe>)")
+    sw.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare strategies over seeds: mean ± std, time to target, curves",
+        formatter_class=fmt,
+        description="Each TARGET is a run directory (its config is the strategy) or a recipe whose variants are the "
+        "strategies. With --seeds K each strategy runs (or is read) with K seeds; the report gives mean ± std of "
+        "the final and best metrics, steps and seconds to reach --target, overlaid learning curves, and flags "
+        "differences smaller than the seed noise.\n\n"
+        "examples:\n  gradwise compare optimizer-tour --seeds 3 --target val_accuracy>=0.95\n"
+        "  gradwise compare runs/a runs/b --seeds 5",
+    )
+    cmp.add_argument("targets", nargs="+", help="run directories or recipes")
+    cmp.add_argument("--seeds", type=int, default=1)
+    cmp.add_argument("--target", default=None, help="e.g. val_accuracy>=0.95 or val_loss<=0.1")
+    cmp.add_argument("-o", "--out", type=Path, default=None, help="output directory")
+    cmp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="key.path=value",
+        help="override for every strategy (repeatable), e.g. --set stop.epochs=5",
+    )
+
+    lr = sub.add_parser(
+        "lr-find",
+        help="LR range test: a suggested learning rate and a plot",
+        formatter_class=fmt,
+        description="Train RECIPE briefly with an exponentially increasing learning rate (Smith 2017) in a "
+        "directory of its own, smooth the loss and suggest the LR of steepest descent; writes lr-find.png.\n\n"
+        "example:\n  gradwise lr-find digits-mlp --min-lr 1e-6 --max-lr 1 --steps 100",
+    )
+    lr.add_argument("recipe")
+    lr.add_argument("overrides", nargs="*", metavar="key.path=value")
+    lr.add_argument("--min-lr", type=float, default=1e-7)
+    lr.add_argument("--max-lr", type=float, default=10.0)
+    lr.add_argument("--steps", type=int, default=100)
+    lr.add_argument("-o", "--out", type=Path, default=None, help="directory for the range test's run and plot")
+
+    bf = sub.add_parser(
+        "batch-find",
+        help="largest batch that fits in memory, examples/s per batch size",
+        formatter_class=fmt,
+        description="Double the batch size, then binary-search between the last that fit and the first that ran "
+        "out of memory (each probe a few optimizer steps in a process of its own); report examples/s per size and "
+        "suggest a batch and accumulation that keep the recipe's global batch.\n\n"
+        "example:\n  gradwise batch-find minilm-topics --memory-limit-mb 4000",
+    )
+    bf.add_argument("recipe")
+    bf.add_argument("overrides", nargs="*", metavar="key.path=value")
+    bf.add_argument("--start", type=int, default=8)
+    bf.add_argument("--max-batch", type=int, default=65536)
+    bf.add_argument("--steps", type=int, default=3)
+    bf.add_argument("--memory-limit-mb", type=int, default=None)
+
+    rep = sub.add_parser(
+        "report",
+        help="one self-contained HTML page for runs, sweeps, compares and compressions",
+        formatter_class=fmt,
+        description="Write one HTML file (images inlined, no network needed to view it) with, per run, its config, "
+        "summary, learning curves, LR curve and confusion matrix, and the tables and plots of sweeps, compares, "
+        "variant comparisons and compressions.\n\n"
+        "example:\n  gradwise report runs/digits-cnn-* runs/digits-cnn-*/compressed -o report.html",
+    )
+    rep.add_argument("paths", nargs="+", type=Path)
+    rep.add_argument("-o", "--out", type=Path, default=Path("report.html"))
+
     sub.add_parser(
         "optimizers",
         help="list the optimizers optim.name accepts",
@@ -149,7 +239,14 @@ _default_format = warnings.formatwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`gradwise sweep R S --trials 4 stop.epochs=3`); argparse
+    # leaves them over once an option has ended the positionals.
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = _one_line_warning
     _quiet_library_loggers()
     try:
@@ -160,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gradwise {args.command}: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
 
 
 def _quiet_library_loggers() -> None:
@@ -306,6 +407,74 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import optuna
+
+    from gradwise.experiments.recipes import find_recipe
+    from gradwise.experiments.space import find_space
+    from gradwise.experiments.sweep import run_sweep
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # it announces each study at INFO; we print ours
+    sweep_dir = run_sweep(
+        find_recipe(args.recipe),
+        find_space(args.space),
+        overrides=args.overrides,
+        trials=args.trials,
+        jobs=args.jobs,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        storage=args.storage,
+        name=args.name,
+        seed=args.seed,
+    )
+    print((sweep_dir / "trials.md").read_text(), end="")
+    print(f"sweep: {sweep_dir}   best recipe: {sweep_dir / 'best.yaml'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from gradwise.experiments.compare import compare_runs
+
+    out = compare_runs(args.targets, seeds=args.seeds, target=args.target, out=args.out, overrides=args.overrides)
+    print((out / "compare.md").read_text(), end="")
+    print(f"compare: {out}")
+    return 0
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from gradwise.experiments.lr_find import lr_find
+    from gradwise.experiments.recipes import find_recipe
+
+    result = lr_find(
+        find_recipe(args.recipe), args.overrides, min_lr=args.min_lr, max_lr=args.max_lr, steps=args.steps, out=args.out
+    )
+    print(result)
+    return 0
+
+
+def _batch_find(args: argparse.Namespace) -> int:
+    from gradwise.experiments.batch_find import batch_find
+    from gradwise.experiments.recipes import find_recipe
+
+    result = batch_find(
+        find_recipe(args.recipe),
+        args.overrides,
+        start=args.start,
+        max_batch=args.max_batch,
+        steps=args.steps,
+        memory_limit_mb=args.memory_limit_mb,
+    )
+    print(result)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from gradwise.report.html import write_report
+
+    print(write_report(args.paths, args.out))
+    return 0
+
+
 def _optimizers(args: argparse.Namespace) -> int:
     from gradwise.optim import list_optimizers
 
@@ -324,5 +493,10 @@ _COMMANDS = {
     "generate": _generate,
     "recipes": _recipes,
     "compress": _compress,
+    "sweep": _sweep,
+    "compare": _compare,
+    "lr-find": _lr_find,
+    "batch-find": _batch_find,
+    "report": _report,
     "optimizers": _optimizers,
 }

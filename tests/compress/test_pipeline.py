@@ -14,6 +14,7 @@ from gradwise.compress.compare import measure_all, write_comparison
 from gradwise.compress.pipeline import compress_run, source_budget
 from gradwise.compress.recipe import CompressRecipe, load_compress_recipe
 from gradwise.config import validate
+from gradwise.errors import ConfigError
 from gradwise.experiments.evaluation import evaluate_run
 from gradwise.experiments.export import load_run_model
 from gradwise.train.loop import fit
@@ -231,3 +232,12 @@ def test_a_step_with_an_intermediate_run_keeps_it_beside_and_reachable(source_ru
     # The recovery run started from the pruned intermediate, which is still where its config says.
     assert Path(cfg["model"]["init_from"]) == result.directory / "steps" / "01-prune-structured"
     assert (Path(cfg["model"]["init_from"]) / "checkpoints" / "best").exists()
+
+
+def test_only_makes_the_named_variants_and_keeps_the_others_made_before(source_run: Path, tmp_path: Path):
+    run_dir = copy_run(source_run, tmp_path / "run")
+    plan = recipe({"m30": [{"prune": {"sparsity": 0.3}}], "m60": [{"prune": {"sparsity": 0.6}}]})
+    assert [r.name for r in compress_run(run_dir, plan, only=["m30"])] == ["m30"]
+    assert [r.name for r in compress_run(run_dir, plan, only=["m60"])] == ["m30", "m60"]
+    with pytest.raises(ConfigError, match="no variant m90"):
+        compress_run(run_dir, plan, only=["m90"])

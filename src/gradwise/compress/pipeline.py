@@ -86,11 +86,25 @@ def compress_run(
         unknown = [n for n in only if n not in recipe.variants]
         if unknown:
             raise ConfigError(f"--only: no variant {', '.join(unknown)} in the recipe (variants: {', '.join(names)})")
-        names = [n for n in names if n in only]
     results = []
     for name in names:
+        if only and name not in only:
+            # Not asked for now, but made before by the same steps: it stays in the comparison.
+            made = _finished(run_dir / COMPRESSED_DIR / name, recipe.variants[name])
+            if made is not None:
+                results.append(made)
+            continue
         results.append(run_variant(run_dir, name, recipe.variants[name], budget, force=force))
     return results
+
+
+def _finished(target: Path, steps: list[Step]) -> VariantResult | None:
+    """The variant in ``target`` if it was made, to the end, by exactly ``steps``."""
+    plan = [step.model_dump(mode="json", exclude_defaults=True) for step in steps]
+    done = read_compression(target) if (target / CONFIG_FILE).exists() else {}
+    if done.get("plan") == plan and done.get("status") in ("accepted", "rejected"):
+        return VariantResult(target.name, target, done["status"], done.get("reason", ""), done.get("steps", []))
+    return None
 
 
 def source_budget(run_dir: Path, recipe: CompressRecipe) -> Budget:
@@ -110,9 +124,9 @@ def run_variant(run_dir: Path, name: str, steps: list[Step], budget: Budget, *, 
     """Run the chain of ``steps`` from ``run_dir`` into ``run_dir/compressed/<name>``."""
     target = run_dir / COMPRESSED_DIR / name
     plan = [step.model_dump(mode="json", exclude_defaults=True) for step in steps]
-    done = read_compression(target) if (target / CONFIG_FILE).exists() else {}
-    if not force and done.get("plan") == plan and done.get("status") in ("accepted", "rejected"):
-        return VariantResult(name, target, done["status"], done.get("reason", ""), done.get("steps", []))
+    made = None if force else _finished(target, steps)
+    if made is not None:
+        return made
     if target.exists():
         shutil.rmtree(target)
     (target / "steps").mkdir(parents=True)

@@ -259,7 +259,7 @@ def _sweep_sections(sweep: Path, anchors: set[str], depth: int) -> list[_Section
     if scored:
         pick = max if _sweep_mode(sweep, data) == "max" else min
         best = pick(scored, key=lambda t: t["value"])
-        headline += f"; best value {_fmt(best['value'])} (trial {best.get('number', '?')})"
+        headline += f"; best value {_fmt(best['value'])} (trial {best.get('trial', best.get('number', '?'))})"
     body = _tables(sweep / "trials.md", trials) + _figure(sweep / "trials.png", "Objective per trial and running best")
     if (sweep / "best.yaml").is_file():
         body += (
@@ -272,6 +272,9 @@ def _sweep_sections(sweep: Path, anchors: set[str], depth: int) -> list[_Section
 
 def _sweep_mode(sweep: Path, data: Any) -> str:
     direction = str(data.get("direction", "")) if isinstance(data, dict) else ""
+    if not direction:  # the sweep's own record (sweep.json) says it when trials.json is a plain list
+        record = _read_json(sweep / "sweep.json")
+        direction = str(record.get("direction", "")) if isinstance(record, dict) else ""
     if direction in ("maximize", "minimize"):
         return direction[:3]
     for trial_dir in sorted(sweep.glob("trial-*")):

@@ -1,0 +1,603 @@
+"""Hyperparameter sweeps: an Optuna study whose trials are ordinary runs of the one loop.
+
+``run_sweep(recipe, space)`` keeps the study in a real database (SQLite in the
+sweep directory unless ``storage`` names another Optuna storage URL, e.g.
+PostgreSQL, so several machines can share one study). Each trial trains the
+recipe with the trial's values into ``<sweep_dir>/trial-NNNN/`` through
+:func:`gradwise.train.loop.fit`; the objective is the run's best value of its
+monitored metric. Pruning reuses the early stopper: the ``after_eval`` hook
+reports each validation value to Optuna and, when the pruner says so, returns
+a reason that stops the run like patience would.
+
+Re-running the same command continues the same study until ``trials`` trials
+have finished: a trial left RUNNING by a killed process on this machine is
+marked FAIL and its values are queued again, so no trial is lost or run twice.
+At the end the sweep writes ``best.yaml`` (the recipe with the best values: it
+reproduces the best trial, since every trial uses the recipe's seed),
+``trials.md`` / ``trials.json``, ``trials.png`` and ``sweep.json``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from gradwise.config import RunConfig, apply_overrides, monitor_mode, read_yaml, validate
+from gradwise.errors import ConfigError, GradwiseError, TrainingError
+from gradwise.experiments.recipes import find_recipe
+from gradwise.experiments.space import Space, find_space, load_space
+from gradwise.train.checkpoint import atomic_write_text
+from gradwise.train.loop import FitHooks, fit
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+EXIT_INTERRUPTED = 130
+# The first evaluations of a run are noisy; the median rule may prune from the second one on.
+MEDIAN_WARMUP_EVALS = 2
+MEDIAN_STARTUP_TRIALS = 5
+# Fields that do not change what a trial optimizes: a re-run may differ in them and still continue the study.
+_NOT_SEARCH = {"name", "description", "out_dir", "resume", "log"}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to run trials (picklable: parallel workers are spawned processes)."""
+
+    sweep_dir: Path
+    storage: str
+    study_name: str
+    base_raw: dict[str, Any]
+    space: Space
+    trials: int
+    sampler: Literal["tpe", "random", "grid"]
+    pruner: Literal["median", "hyperband", "none"]
+    seed: int
+    monitor: str
+    jobs: int
+
+
+def run_sweep(
+    recipe: Path,
+    space: Path,
+    *,
+    overrides: list[str] | None = None,
+    trials: int = 20,
+    jobs: int = 1,
+    sampler: Literal["tpe", "random", "grid"] = "tpe",
+    pruner: Literal["median", "hyperband", "none"] = "median",
+    storage: str | None = None,
+    name: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Search ``space`` around ``recipe`` with Optuna and return the sweep directory.
+
+    Args:
+        recipe: A recipe file, or the name of a bundled recipe.
+        space: A space file (see :mod:`gradwise.experiments.space`), or a bundled space's name.
+        overrides: ``key.path=value`` overrides applied to the recipe before the search.
+        trials: How many trials the study should have finished (completed, pruned, or
+            failed with an error such as divergence); trials already in the study count.
+        jobs: Trials run at once, each in its own process (torch threads are split among them).
+        sampler: ``tpe`` (Bergstra et al. 2011), ``random`` or ``grid`` (every combination
+            of the choices once; ``trials`` is capped at their number).
+        pruner: ``median`` (the median stopping rule of Golovin et al. 2017), ``hyperband``
+            (Li et al. 2018) or ``none``; pruners compare runs at the same evaluation count.
+        storage: An Optuna storage URL; default ``sqlite:///<sweep_dir>/study.db``.
+        name: The sweep (and study) name; default ``sweep-<recipe stem>``. The sweep
+            directory is ``<out_dir>/<name>``, so the same command continues the same sweep.
+        seed: The sampler's seed (each trial uses the recipe's own seed).
+
+    Returns:
+        The sweep directory.
+
+    Raises:
+        ConfigError: A bad argument, recipe or space, or a study that was started with a
+            different recipe or space.
+        KeyboardInterrupt: The sweep was interrupted (Ctrl-C/SIGTERM); the running trials
+            are queued again and the tables are written first. Re-run to continue.
+
+    References:
+        Akiba et al. 2019, "Optuna: A Next-generation Hyperparameter Optimization Framework";
+        Bergstra et al. 2011, "Algorithms for Hyper-Parameter Optimization" (TPE); Golovin et al.
+        2017, "Google Vizier: A Service for Black-Box Optimization" (median stopping rule); Li et al.
+        2018, "Hyperband: A Novel Bandit-Based Approach to Hyperparameter Optimization".
+    """
+    if trials < 1 or jobs < 1:
+        raise ConfigError(f"sweep: --trials and --jobs must be >= 1 (got trials={trials}, jobs={jobs})")
+    if sampler not in SAMPLERS or pruner not in PRUNERS:
+        raise ConfigError(f"sweep: sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}")
+    recipe_path = find_recipe(str(recipe))
+    base_raw = apply_overrides(read_yaml(recipe_path), list(overrides or []))
+    base = validate(base_raw, source=str(recipe_path))
+    if base.variants:
+        raise ConfigError(f"{recipe_path}: has variants; a sweep searches one recipe (remove variants)")
+    searched = load_space(find_space(str(space)), base_raw)
+    if sampler == "grid":
+        trials = min(trials, searched.grid_size())
+    study_name = name or f"sweep-{recipe_path.stem}"
+    sweep_dir = base.out_dir / study_name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
+    monitor = _monitor(base)
+    study = _open_study(url, study_name, "maximize" if monitor_mode(monitor, base.stop.mode) == "max" else "minimize")
+    _check_same_search(study, base, searched, monitor, url)
+    _recover_killed(study)
+    if not study.get_trials(deepcopy=False) and sampler != "grid":
+        _enqueue_recipe_values(study, base, searched)  # the recipe's own values first: never worse than it
+    plan = _Plan(sweep_dir, url, study_name, base_raw, searched, trials, sampler, pruner, seed, monitor, jobs)
+    interrupted = False
+    try:
+        if jobs == 1:
+            with _sigterm_interrupts():
+                _work(plan, worker=0)
+        else:
+            _work_in_processes(plan)
+    except KeyboardInterrupt:
+        interrupted = True
+    _write_results(study, plan, recipe_path, "interrupted" if interrupted else "finished")
+    if interrupted:
+        raise KeyboardInterrupt
+    return sweep_dir
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _monitor(cfg: RunConfig) -> str:
+    """The metric every trial is judged by, resolved as the loop resolves ``stop.monitor: auto``."""
+    if cfg.stop.monitor != "auto":
+        return cfg.stop.monitor
+    from gradwise.data import load_dataset
+    from gradwise.tasks import build_task
+    from gradwise.train.adapt import model_dir
+
+    data = load_dataset(cfg.data, cfg.task.kind, cfg.seed, tokenizer_dir=model_dir(cfg))
+    return build_task(cfg.task, data.info).default_monitor
+
+
+def _open_study(url: str, study_name: str, direction: str) -> optuna.Study:
+    # SQLite locks the whole file on a write; parallel workers wait for it instead of failing.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
+    except Exception as exc:  # SQLAlchemy raises many types: a bad URL, a missing driver, no server
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"sweep storage {_masked(url)}: cannot open ({type(exc).__name__}: {detail})") from None
+    if study.direction.name.lower() != direction:
+        raise ConfigError(
+            f"study {study_name} in {_masked(url)} {study.direction.name.lower()}s its objective, "
+            f"but this recipe's monitor wants to {direction} it; pass another --name"
+        )
+    return study
+
+
+def _masked(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even parsable: nothing to hide from a message about it
+        return url
+
+
+def _check_same_search(study: optuna.Study, base: RunConfig, searched: Space, monitor: str, url: str) -> None:
+    """A study continues only with the recipe, overrides and space it was started with."""
+    config = base.model_dump(mode="json", exclude=_NOT_SEARCH)
+    signature = {"config": config, "space": searched.describe(), "monitor": monitor}
+    stored = study.user_attrs.get("gradwise")
+    if stored is None:
+        study.set_user_attr("gradwise", signature)
+        return
+    old, new = _flat(stored), _flat(json.loads(json.dumps(signature)))
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            raise ConfigError(
+                f"study {study.study_name} in {_masked(url)} was started with {key}={old.get(key)!r}, "
+                f"not {new.get(key)!r}; re-run with the same recipe, overrides and space, or pass another --name"
+            )
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flat(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def _recover_killed(study: optuna.Study) -> None:
+    """Mark FAIL the trials left RUNNING by a dead process on this machine and queue their values again.
+
+    Trials RUNNING on other machines are left alone: their workers may be alive.
+    """
+    host = socket.gethostname()
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        worker = trial.user_attrs.get("worker", {})
+        if trial.state != TrialState.RUNNING or worker.get("host", host) != host or _alive(worker.get("pid")):
+            continue
+        # Queue first, then fail: a kill in between leaves a trial to recover next time, never none.
+        if trial.params and trial.number not in retried:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        study.tell(trial.number, state=TrialState.FAIL)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process holds that id
+        return True
+    return True
+
+
+def _enqueue_recipe_values(study: optuna.Study, base: RunConfig, searched: Space) -> None:
+    values = base.model_dump(mode="json")
+    point = {}
+    for param in searched.params:
+        value: Any = values
+        for key in param.path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not param.contains(value):
+            return  # the recipe lies outside the space: nothing to anchor on
+        point[param.path] = param.encode(value)
+    study.enqueue_trial(point, user_attrs={"recipe_values": True})
+
+
+def _make_sampler(plan: _Plan, study: optuna.Study, worker: int) -> optuna.samplers.BaseSampler:
+    if plan.sampler == "grid":  # the same shuffled order in every worker: trial n takes grid point n
+        return _GridSampler(plan.space.grid(), seed=plan.seed)
+    # A continued study must not replay the first run's random draws: the seed moves with its history.
+    done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    seed = plan.seed + done + 7919 * worker
+    if plan.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, minus its ``study.stop()`` once the grid is done (allowed only inside
+    ``Study.optimize``; with ask/tell the worker loop stops at the grid's size itself)."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        return None
+
+
+def _make_pruner(plan: _Plan) -> optuna.pruners.BasePruner:
+    if plan.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_EVALS)
+    if plan.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
+def _outcome(trial: FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return "completed"
+    if trial.state == TrialState.PRUNED:
+        return "pruned"
+    if trial.state == TrialState.FAIL:
+        return str(trial.user_attrs.get("result", {}).get("outcome", "killed"))
+    return trial.state.name.lower()
+
+
+def _taken(trials: list[FrozenTrial]) -> int:
+    """Trials finished for good (completed, pruned, failed with an error) or running now."""
+    return sum(1 for t in trials if _outcome(t) in ("completed", "pruned", "error", "running"))
+
+
+# --------------------------------------------------------------------------- running trials
+
+
+def _work(plan: _Plan, worker: int) -> None:
+    """Ask for trials and run them until the study has ``plan.trials`` finished or running."""
+    study = optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage))
+    study.sampler = _make_sampler(plan, study, worker)
+    study.pruner = _make_pruner(plan)
+    while True:
+        with _lock(plan.sweep_dir / ".ask.lock"):  # count and ask as one step among this machine's workers
+            if _taken(study.get_trials(deepcopy=False)) >= plan.trials:
+                return
+            trial = study.ask()
+            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            values = plan.space.suggest(trial)
+        _run_trial(study, trial, values, plan)
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, values: dict[str, Any], plan: _Plan) -> None:
+    """Train one trial and tell the study how it ended.
+
+    What the run did goes in one ``result`` user attribute: each attribute is a database commit.
+    """
+    run_dir = plan.sweep_dir / f"trial-{trial.number:04d}"
+    pruned: list[str] = []
+    evals = [0]
+
+    def after_eval(step: int, metrics: dict[str, float]) -> str | None:
+        value = metrics.get(plan.monitor)
+        if value is None or not math.isfinite(value):
+            return None
+        # Reported by evaluation count, not optimizer step: runs with different batch sizes line up by epoch.
+        evals[0] += 1
+        trial.report(value, evals[0])
+        if trial.should_prune():
+            pruned.append(f"pruned by the {plan.pruner} pruner at evaluation {evals[0]} (step {step})")
+            return pruned[0]
+        return None
+
+    try:
+        cfg = validate(plan.space.apply(plan.base_raw, values), source=f"trial {trial.number}")
+        # Trials keep quiet and skip plots (a report regenerates them); neither changes the numbers.
+        quiet = cfg.log.model_copy(update={"progress": False, "plots": False})
+        cfg = cfg.model_copy(update={"name": run_dir.name, "out_dir": plan.sweep_dir, "log": quiet})
+        summary = fit(cfg, run_dir, hooks=FitHooks(after_eval=after_eval))
+    except GradwiseError as exc:  # a combination the config rejects, or a run that diverged
+        trial.set_user_attr("result", {"outcome": "error", "error": str(exc)})
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    except KeyboardInterrupt:
+        _give_back(study, trial, {"outcome": "interrupted", "error": "interrupted"})
+        raise
+    except BaseException as exc:
+        _give_back(study, trial, {"outcome": "crashed", "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    value = summary["best"]["value"]
+    result = {key: summary.get(key) for key in ("status", "stop_reason", "steps", "wall_time_s")}
+    result.update(best_value=value, best_step=summary["best"]["step"])
+    if summary["status"] == "interrupted":
+        _give_back(study, trial, {**result, "outcome": "interrupted", "error": summary["stop_reason"]})
+        raise KeyboardInterrupt
+    if pruned:
+        trial.set_user_attr("result", {**result, "outcome": "pruned"})
+        study.tell(trial, state=TrialState.PRUNED)
+    elif summary.get("monitor") != plan.monitor or value is None or not math.isfinite(value):
+        error = f"no finite best {plan.monitor} (monitor {summary.get('monitor')}: {value})"
+        trial.set_user_attr("result", {**result, "outcome": "error", "error": error})
+        study.tell(trial, state=TrialState.FAIL)
+    else:
+        trial.set_user_attr("result", {**result, "outcome": "completed"})
+        study.tell(trial, float(value))
+
+
+def _give_back(study: optuna.Study, trial: optuna.trial.Trial, result: dict[str, Any]) -> None:
+    """A trial that did not run to its end: fail it and queue its values again."""
+    trial.set_user_attr("result", result)
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def _work_in_processes(plan: _Plan) -> None:
+    """``plan.jobs`` spawned workers on one study; Ctrl-C/SIGTERM here stop every worker's trial cleanly.
+
+    Processes, not threads: a trial seeds torch's global generator and draws dropout
+    masks from it, which threads would share and make irreproducible.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_worker_main, args=(plan, i), name=f"gradwise-sweep-{i}") for i in range(plan.jobs)]
+    for process in workers:
+        process.start()
+    signals = [0]
+
+    def forward(signum: int, frame: Any) -> None:
+        signals[0] += 1
+        for process in workers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)  # the loop checkpoints and stops; a second one aborts
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for process in workers:
+            process.join()
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    codes = [p.exitcode for p in workers]
+    if signals[0] or EXIT_INTERRUPTED in codes:
+        raise KeyboardInterrupt
+    failed = [f"worker {i} exit code {code}" for i, code in enumerate(codes) if code]
+    if failed:
+        raise TrainingError(f"sweep: {', '.join(failed)} (its error is printed above); re-run to continue")
+
+
+def _worker_main(plan: _Plan, worker: int) -> None:
+    import torch
+
+    os.setpgrp()  # Ctrl-C reaches the parent alone, which forwards one SIGTERM per worker
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.jobs))
+
+    try:
+        with _sigterm_interrupts():
+            _work(plan, worker)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM between trials raises KeyboardInterrupt (during one, the loop's own handler stops it cleanly)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _write_results(study: optuna.Study, plan: _Plan, recipe: Path, status: str) -> None:
+    """trials.json/.md, trials.png, best.yaml (when a trial completed) and sweep.json."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    retried_as = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    rows = [_row(t, plan.space, retried_as) for t in trials]
+    atomic_write_text(plan.sweep_dir / "trials.json", json.dumps(rows, indent=2) + "\n")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = study.best_trial if complete else None
+    finished = sum(1 for r in rows if r["outcome"] in ("completed", "pruned", "error"))
+    counts = {o: sum(1 for r in rows if r["outcome"] == o) for o in dict.fromkeys(r["outcome"] for r in rows)}
+    headline = f"Sweep {plan.study_name}: {finished} of {plan.trials} trials finished ({_counts_text(counts)})"
+    if best is not None:
+        headline += f"; best: trial {best.number}, {plan.monitor} {best.value:.4g}"
+        _write_best_recipe(plan, best, recipe)
+    atomic_write_text(plan.sweep_dir / "trials.md", _markdown(headline, rows, plan))
+    meta = {
+        "name": plan.study_name,
+        "status": status,
+        "recipe": str(recipe),
+        "space": plan.space.source,
+        "storage": _masked(plan.storage),
+        "sampler": plan.sampler,
+        "pruner": plan.pruner,
+        "seed": plan.seed,
+        "monitor": plan.monitor,
+        "direction": study.direction.name.lower(),
+        "trials": plan.trials,
+        "finished": finished,
+        "counts": counts,
+        "best": None if best is None else {"trial": best.number, "value": best.value, "run_dir": _run_name(best)},
+    }
+    atomic_write_text(plan.sweep_dir / "sweep.json", json.dumps(meta, indent=2) + "\n")
+    _plot(rows, plan, study.direction.name.lower(), plan.sweep_dir / "trials.png")
+
+
+def _row(trial: FrozenTrial, searched: Space, retried_as: dict[int, int]) -> dict[str, Any]:
+    outcome = _outcome(trial)
+    attrs, result = trial.user_attrs, trial.user_attrs.get("result", {})
+    note = result.get("stop_reason") if outcome in ("completed", "pruned") else result.get("error", "")
+    if trial.number in retried_as:
+        note = f"{outcome}; retried as trial {retried_as[trial.number]}"
+    elif "retry_of" in attrs:
+        note = f"retry of trial {attrs['retry_of']}" + (f"; {note}" if note else "")
+    elif attrs.get("recipe_values"):
+        note = "the recipe's own values" + (f"; {note}" if note else "")
+    return {
+        "trial": trial.number,
+        "state": trial.state.name,
+        "outcome": outcome,
+        "params": searched.decoded(trial.params),
+        "value": result.get("best_value") if outcome in ("completed", "pruned") else None,
+        "best_step": result.get("best_step"),
+        "steps": result.get("steps"),
+        "wall_time_s": result.get("wall_time_s"),
+        "run_dir": None if trial.state == TrialState.WAITING else _run_name(trial),
+        "note": note or "",
+    }
+
+
+def _run_name(trial: FrozenTrial) -> str:
+    return f"trial-{trial.number:04d}"
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) or "none yet"
+
+
+def _write_best_recipe(plan: _Plan, best: FrozenTrial, recipe: Path) -> None:
+    raw = plan.space.apply(plan.base_raw, best.params)
+    raw.pop("variants", None)
+    shown = ", ".join(f"{k}={_cell(v)}" for k, v in plan.space.decoded(best.params).items())
+    raw["description"] = f"best of sweep {plan.study_name} (trial {best.number}, {plan.monitor} {best.value:.4g})"
+    header = (
+        f"# Best trial {best.number} of sweep {plan.study_name} over {plan.space.source}\n"
+        f"# recipe {recipe}; {shown}\n# {plan.monitor} {best.value!r}; reproduce with: gradwise train <this file>\n"
+    )
+    atomic_write_text(plan.sweep_dir / "best.yaml", header + yaml.safe_dump(raw, sort_keys=False))
+
+
+def _markdown(headline: str, rows: list[dict[str, Any]], plan: _Plan) -> str:
+    paths = plan.space.paths
+    header = ["trial", "state", *paths, f"best {plan.monitor}", "steps", "wall s", "note"]
+    lines = [f"{headline}\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["trial"], row["outcome"], *(row["params"].get(p, "") for p in paths)]
+        cells += [row["value"], row["steps"], row["wall_time_s"], str(row["note"]).replace("|", "/")]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _plot(rows: list[dict[str, Any]], plan: _Plan, direction: str, out: Path) -> None:
+    """Each trial's best monitored value by trial number, with the running best of the completed ones."""
+    from gradwise.report.plots import _figure, _metric_label, _save  # matplotlib loads only here
+
+    fig = _figure((8.0, 4.6))
+    ax = fig.subplots()
+    for outcome, style in (("completed", "o"), ("pruned", "x")):
+        points = [(r["trial"], r["value"]) for r in rows if r["outcome"] == outcome and r["value"] is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, ms=6, label=f"{outcome} ({len(points)})")
+    done = [(r["trial"], r["value"]) for r in rows if r["outcome"] == "completed" and r["value"] is not None]
+    if done:
+        pick = max if direction == "maximize" else min
+        running = [pick(v for _, v in done[: i + 1]) for i in range(len(done))]
+        ax.step([n for n, _ in done], running, where="post", color="crimson", lw=1.6, label="running best")
+        best_n, best_v = next((n, v) for n, v in done if v == running[-1])
+        ax.plot([best_n], [best_v], "*", color="crimson", ms=14, label=f"best: trial {best_n}, {best_v:.4g}")
+    failed = sum(1 for r in rows if r["outcome"] not in ("completed", "pruned"))
+    goal = "higher" if direction == "maximize" else "lower"
+    hidden = f"; {failed} failed or unfinished, not shown" if failed else ""
+    ax.set(
+        title=f"{plan.study_name}: best {plan.monitor} per trial ({goal} is better{hidden})",
+        xlabel="trial number",
+        ylabel=f"best {plan.monitor}: {_metric_label(plan.monitor)}",
+    )
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    _save(fig, out)
