@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a recipe", description=_TRAIN_HELP, formatter_class=fmt)
     train.add_argument("recipe", help="recipe YAML file or bundled recipe name")
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    train.add_argument(
+        "--nproc", type=int, default=None, help="data-parallel processes on this machine (launches torchrun)"
+    )
 
     resume = sub.add_parser(
         "resume",
@@ -56,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer",
     )
     resume.add_argument("run_dir", type=Path)
+    resume.add_argument("--nproc", type=int, default=None, help="processes to resume with (any number)")
     resume.add_argument(
         "overrides", nargs="*", metavar="key.path=value", help="only stop.* and log.* may differ from the saved config"
     )
@@ -248,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = _one_line_warning
+    if int(os.environ.get("RANK", "0")) != 0:
+        warnings.filterwarnings("ignore", category=GradwiseWarning)  # rank 0 says it once for the whole job
     _quiet_library_loggers()
     try:
         return _COMMANDS[args.command](args)
@@ -282,6 +289,8 @@ def _train(args: argparse.Namespace) -> int:
     from gradwise.experiments.variants import run_variants
     from gradwise.train.loop import fit
 
+    if args.nproc is not None:
+        return _launch(args.nproc, ["train", args.recipe, *args.overrides])
     recipe = find_recipe(args.recipe)
     raw = apply_overrides(read_yaml(recipe), args.overrides)
     if "budget" in raw or recipe.stem.startswith(COMPRESS_PREFIX):
@@ -294,14 +303,30 @@ def _train(args: argparse.Namespace) -> int:
         print(f"compared {len(cfg.variants)} variants: {parent}/comparison.md")
         print((parent / "comparison.md").read_text(), end="")
         return 0
+    from gradwise.train import distributed
+
+    ctx = distributed.current()
     if cfg.resume is not None:
         run_dir = cfg.resume
         check_resumable(run_dir, cfg)
         summary = fit(cfg, run_dir, resume=True)
     else:
-        run_dir = new_run_dir(cfg, recipe.stem)
+        # Every rank trains into the directory rank 0 named (timestamps differ between processes).
+        run_dir = ctx.broadcast(new_run_dir(cfg, recipe.stem) if ctx.is_main else None)
         summary = fit(cfg, run_dir)
-    return _report_run(run_dir, summary)
+    return _report_run(run_dir, summary) if ctx.is_main else 0
+
+
+def _launch(nproc: int, command: list[str]) -> int:
+    """Run ``gradwise COMMAND`` as ``nproc`` data-parallel processes under torchrun on this machine."""
+    import subprocess
+
+    from gradwise.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run([*launcher, "-m", "gradwise", *command], check=False).returncode
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -315,7 +340,12 @@ def _resume(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
     check_resumable(args.run_dir, cfg)
-    return _report_run(args.run_dir, fit(cfg, args.run_dir, resume=True))
+    if args.nproc is not None:
+        return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
+    from gradwise.train import distributed
+
+    summary = fit(cfg, args.run_dir, resume=True)
+    return _report_run(args.run_dir, summary) if distributed.current().is_main else 0
 
 
 def _report_run(run_dir: Path, summary: dict[str, Any]) -> int:

@@ -11,6 +11,7 @@ from gradwise.data import Split
 from gradwise.tasks import Task
 from gradwise.train.batching import gather
 from gradwise.train.device import autocast, to_device
+from gradwise.train.distributed import Distributed
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,35 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, task: Task, split: Split, name: str, batch_size: int, device: torch.device, precision: str
+    model: nn.Module,
+    task: Task,
+    split: Split,
+    name: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    *,
+    ctx: Distributed | None = None,
 ) -> Evaluation:
-    """Run ``model`` in eval mode over ``split`` and summarise it; the train/eval mode is restored after."""
+    """Run ``model`` in eval mode over ``split`` and summarise it; the train/eval mode is restored after.
+
+    Under torch.distributed (``ctx``) each rank evaluates its stride of the split and the meters'
+    sufficient statistics are summed over ranks, so every rank gets the metrics of the whole split.
+    """
     was_training = model.training
     model.eval()
     meter = task.new_meter()
     dtype = next(model.parameters()).dtype
-    for start in range(0, len(split.y), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(split.y)))
+    mine = ctx.shard(torch.arange(len(split.y))) if ctx is not None else torch.arange(len(split.y))
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start : start + batch_size]
         x = to_device(gather(split.x, split.lengths, rows), device, dtype)
-        y = to_device(split.y[start : start + batch_size], device, dtype)
+        y = to_device(split.y[rows], device, dtype)
         with autocast(device, precision):
             outputs = model(x)
         meter.update(outputs.to(dtype), y)
+    if ctx is not None and ctx.active:
+        meter.load_stats(ctx.sum(meter.stats()))
     model.train(was_training)
     metrics = {f"{name}_{key}": float(value) for key, value in meter.compute().items()}
     return Evaluation(metrics=metrics, confusion=meter.confusion())

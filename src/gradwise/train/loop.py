@@ -15,12 +15,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
@@ -28,6 +29,7 @@ from gradwise.experiments.export import record_data
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
+from gradwise.train import distributed
 from gradwise.train.batching import gather
 from gradwise.train.checkpoint import (
     load_model_state,
@@ -94,29 +96,40 @@ def fit(
             SIGTERM do the same.
         hooks: Outside observers that may end the run (see :class:`FitHooks`).
     """
+    ctx = distributed.current()
     parts = build_run(cfg)
     counters = Counters()
     if resume:
         _restore(parts, counters, run_dir)
-    else:
+    elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
         record_data(parts.data.info, run_dir)
-    trackers = _open_trackers(cfg, run_dir, resume)
-    log = MetricsLog(run_dir, resume_step=counters.step if resume else None, listeners=[t.log for t in trackers])
-    keeper = CheckpointKeeper(
-        run_dir / "checkpoints",
-        cfg.checkpoint,
-        parts.model,
-        training_state=lambda: _training_state(parts, counters),
-        before_write=log.sync,
+    # Under torch.distributed only rank 0 writes: the other ranks log to nowhere and keep no checkpoints.
+    trackers = _open_trackers(cfg, run_dir, resume) if ctx.is_main else []
+    log: MetricsLog | _Silent = (
+        MetricsLog(run_dir, resume_step=counters.step if resume else None, listeners=[t.log for t in trackers])
+        if ctx.is_main
+        else _Silent()
     )
+    keeper: CheckpointKeeper | _Silent = (
+        CheckpointKeeper(
+            run_dir / "checkpoints",
+            cfg.checkpoint,
+            parts.model,
+            training_state=lambda: _training_state(parts, counters),
+            before_write=log.sync,
+        )
+        if ctx.is_main
+        else _Silent()
+    )
+    net = _data_parallel(parts.model, ctx)
     keeper.saved_step = counters.step if resume else -1
     dtype = parameter_dtype(cfg.precision)
     x_train = to_device(parts.data.train.x, parts.device, dtype)
     y_train = to_device(parts.data.train.y, parts.device, dtype)
     name = cfg.name or run_dir.name
-    reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress)
+    reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress and ctx.is_main)
     stop_reason, status = "budget reached", "completed"
     if parts.stopper.should_stop:  # resuming a run that had already stopped early
         stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
@@ -126,7 +139,7 @@ def fit(
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
-                result, epoch_ended = _train_step(parts, counters.step, x_train, y_train)
+                result, epoch_ended = _train_step(parts, counters.step, x_train, y_train, net, ctx)
                 counters.step += 1
                 counters.examples += result.batch_size
                 step, epoch = counters.step, parts.sampler.progress
@@ -144,7 +157,7 @@ def fit(
 
                 counters.elapsed_s = time.perf_counter() - started
                 if _eval_due(cfg, epoch_ended, step, parts.total_steps):
-                    improved, metrics = _evaluate(parts, counters, log, reporter)
+                    improved, metrics = _evaluate(parts, counters, log, reporter, ctx)
                     judged = hooks.after_eval(step, metrics) if hooks and hooks.after_eval else None
                     if judged:
                         parts.stopper.stop(judged)
@@ -157,7 +170,8 @@ def fit(
                 if halted:
                     stop_reason, status = halted, "stopped"
                     break
-                if interrupted() or (stop_requested is not None and stop_requested()):
+                asked = interrupted() or (stop_requested is not None and stop_requested())
+                if ctx.any(asked):  # every rank stops at the same step, or the others would hang
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
             keeper.save(counters.step)
@@ -170,7 +184,8 @@ def fit(
             )
             message = f"{exc}; {kept} — lower optim.lr or set regularize.clip_grad_norm"
             failed = {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step}
-            write_summary(run_dir, failed)
+            if ctx.is_main:
+                write_summary(run_dir, failed)
             for tracker in trackers:
                 tracker.finish(failed, run_dir)
             raise TrainingError(message) from None
@@ -179,7 +194,7 @@ def fit(
         reporter.finish(counters.step)
 
     counters.elapsed_s = time.perf_counter() - started
-    summary = _finish(parts, counters, run_dir, name, status, stop_reason)
+    summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx)
     for tracker in trackers:
         tracker.finish(summary, run_dir)
     reporter.note(_final_line(summary))
@@ -198,9 +213,15 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[StepResult, bool]:
-    """Take the next batch, accumulate its gradient over micro-batches, and update the weights."""
-    cfg, model, optimizer = parts.cfg, parts.model, parts.optimizer
+def _train_step(
+    parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor, net: nn.Module, ctx: distributed.Distributed
+) -> tuple[StepResult, bool]:
+    """Take the next batch, accumulate its gradient over micro-batches, and update the weights.
+
+    ``net`` is the model the forward pass goes through: the model itself, or its DistributedDataParallel
+    wrapper, in which case this rank computes its stride of the global batch and DDP averages gradients.
+    """
+    cfg, optimizer = parts.cfg, parts.optimizer
     if parts.unfreezer is not None:
         parts.unfreezer.apply(parts.sampler.epoch)  # a pure function of the epoch: resumes exactly
     planned = parts.plan.size(step, parts.sampler.epoch)
@@ -219,13 +240,23 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
     # tokens for language models): the accumulated gradient equals the large-batch gradient
     # even when micro-batches are uneven.
     terms = parts.task.count(y[indices])
-    for chunk in parts.plan.micro_batches(indices):
-        with autocast(parts.device, cfg.precision):
-            outputs = model(gather(x, lengths, chunk))
-        # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
-        loss = parts.task.loss_sum(outputs.to(dtype), y[chunk]) / terms
-        loss.backward()
+    # DDP averages gradients over ranks; each rank's share of the global sum is scaled back up by the world size.
+    scale = ctx.world
+    local = ctx.shard(indices)
+    chunks = list(parts.plan.micro_batches(local)) or [local]  # a rank with no rows still joins the all-reduce
+    for i, chunk in enumerate(chunks):
+        # Gradients are all-reduced once per optimizer step, with the last micro-batch.
+        sync = net.no_sync() if ctx.active and i < len(chunks) - 1 else nullcontext()
+        with sync:
+            with autocast(parts.device, cfg.precision):
+                outputs = net(gather(x, lengths, chunk))
+            # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
+            loss = parts.task.loss_sum(outputs.to(dtype), y[chunk]) / terms
+            if scale != 1:
+                loss = loss * scale
+            loss.backward()
         loss_sum += loss.detach()
+    loss_sum = ctx.sum(loss_sum) / scale
     penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)
     if penalty is not None:
         penalty.backward()
@@ -248,6 +279,25 @@ def _train_step(parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor) ->
     return result, epoch_ended
 
 
+def _data_parallel(model: nn.Module, ctx: distributed.Distributed) -> nn.Module:
+    """The model wrapped in DistributedDataParallel when this is one rank of several; else the model."""
+    if not ctx.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class _Silent:
+    """What ranks other than 0 have instead of a metrics log and a checkpoint keeper: nothing is written."""
+
+    saved_step = -1
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -264,10 +314,14 @@ def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) ->
 
 
 def _evaluate(
-    parts: RunParts, counters: Counters, log: MetricsLog, reporter: ProgressReporter
+    parts: RunParts,
+    counters: Counters,
+    log: MetricsLog | _Silent,
+    reporter: ProgressReporter,
+    ctx: distributed.Distributed,
 ) -> tuple[bool, dict[str, float]]:
     """Evaluate on the validation split, log it, feed the schedule and the stopper; (new best?, metrics)."""
-    result = _evaluate_split(parts, "val")
+    result = _evaluate_split(parts, "val", ctx)
     value = result.metrics[parts.monitor]
     log.write(
         {
@@ -294,9 +348,10 @@ def _evaluate(
     return improved, result.metrics
 
 
-def _evaluate_split(parts: RunParts, split: str) -> Evaluation:
+def _evaluate_split(parts: RunParts, split: str, ctx: distributed.Distributed) -> Evaluation:
     data = getattr(parts.data, split)
-    return evaluate(parts.model, parts.task, data, split, parts.cfg.eval.batch_size, parts.device, parts.cfg.precision)
+    cfg = parts.cfg
+    return evaluate(parts.model, parts.task, data, split, cfg.eval.batch_size, parts.device, cfg.precision, ctx=ctx)
 
 
 def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
@@ -341,20 +396,27 @@ def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> N
 
 
 def _finish(
-    parts: RunParts, counters: Counters, run_dir: Path, name: str, status: str, stop_reason: str
+    parts: RunParts,
+    counters: Counters,
+    run_dir: Path,
+    name: str,
+    status: str,
+    stop_reason: str,
+    ctx: distributed.Distributed,
 ) -> dict[str, Any]:
     """Final evaluation (of the best weights when asked), summary and plots."""
     cfg = parts.cfg
     best_step = parts.stopper.best_step
     weights = "last"
+    ctx.barrier()  # rank 0 has written the best checkpoint that every rank loads next
     if cfg.stop.restore_best and cfg.checkpoint.keep_best and best_step is not None and best_step != counters.step:
         best = resolve_checkpoint(run_dir, "best")
         load_weights_into(parts.model, load_model_state(best), best)
         weights = "best"
-    val, test = _evaluate_split(parts, "val"), None
+    val, test = _evaluate_split(parts, "val", ctx), None
     final = dict(val.metrics)
     if len(parts.data.test.y):
-        test = _evaluate_split(parts, "test")
+        test = _evaluate_split(parts, "test", ctx)
         final.update(test.metrics)
     info = parts.data.info
     summary: dict[str, Any] = {
@@ -387,6 +449,8 @@ def _finish(
             "labels": info.class_names,
             "matrix": confusion,
         }
+    if not ctx.is_main:
+        return summary
     write_summary(run_dir, summary)
     if cfg.finetune.lora is not None:
         from gradwise.finetune.lora import save_adapter

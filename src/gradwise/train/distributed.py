@@ -1,0 +1,102 @@
+"""Data-parallel training on torch.distributed: who this process is, and the few collectives the loop needs.
+
+A run under ``torchrun`` (or ``gradwise train --nproc N``, which launches it)
+has ``WORLD_SIZE > 1`` in its environment. Every rank builds the same run
+from the same config and seed, so the sampler draws the same *global* batch
+on every rank; each rank then takes its stride of it (``rows[rank::world]``).
+The global batch size is therefore the config's ``batch.size`` whatever the
+world size, the sampler's state is the same two integers on every rank, and a
+run saved with N processes resumes with M. Gradients are averaged by
+DistributedDataParallel; metrics are summed from each rank's sufficient
+statistics, never averaged averages. Only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gradwise.errors import ConfigError
+
+# A rank that died makes the others fail a collective after this long instead of waiting forever.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job; ``world == 1`` is an ordinary single-process run."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints, logs and writes the run directory."""
+        return self.rank == 0
+
+    def shard(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's stride of a global batch (or split) of row indices."""
+        return rows[self.rank :: self.world] if self.active else rows
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of ``tensor`` over all ranks (returned on every rank)."""
+        if not self.active:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (stop decisions must agree)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a run directory name, say)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def current() -> Distributed:
+    """The job this process belongs to, joining its process group on first call (torchrun's variables)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        try:
+            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(
+                f"torch.distributed: cannot join the job (WORLD_SIZE={world}, "
+                f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a distributed command)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
