@@ -29,6 +29,7 @@ from gradwise.config import validate
 from gradwise.data import load_dataset
 from gradwise.models import build_model
 from gradwise.train.checkpoint import load_model_state
+from gradwise.train.distributed import Distributed
 from gradwise.train.loop import fit
 from gradwise.train.rng import seed_everything
 from gradwise.train.setup import SAMPLER_SEED_OFFSET
@@ -111,8 +112,10 @@ def step_overhead(cfg, blocks: int = 3, steps: int = 1000) -> tuple[float, float
             raise RuntimeError("nan")
         optimizer.step()
 
+    single = Distributed()  # one process: the model itself does the forward
+
     def ours(step: int) -> None:
-        _train_step(parts, step, x, y)
+        _train_step(parts, step, x, y, model, single)
 
     timings: dict[str, list[float]] = {"plain": [], "ours": []}
     for _ in range(blocks):
