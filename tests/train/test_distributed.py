@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,18 @@ def test_two_processes_follow_one_and_resume_with_another_count(tmp_path: Path):
     assert len(train_losses(runs / "switch")) == 120
     for key, tensor in weights(runs / "switch").items():
         torch.testing.assert_close(tensor, reference[key], rtol=0, atol=1e-5)
+
+
+def test_a_bad_rendezvous_is_a_one_line_error(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    result = subprocess.run(
+        [sys.executable, "-m", "gradwise", "train", "digits-mlp", f"out_dir={tmp_path}", *OVERRIDES],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and "cannot join the job" in err and "MASTER_ADDR" in err

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradwise.config import RunConfig
-from gradwise.errors import CheckpointError, TrainingError
+from gradwise.errors import CheckpointError, ConfigError, GradwiseWarning, TrainingError
 from gradwise.experiments.export import record_data
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
@@ -123,7 +123,7 @@ def fit(
         if ctx.is_main
         else _Silent()
     )
-    net = _data_parallel(parts.model, ctx)
+    net = _data_parallel(parts, ctx)
     keeper.saved_step = counters.step if resume else -1
     dtype = parameter_dtype(cfg.precision)
     x_train = to_device(parts.data.train.x, parts.device, dtype)
@@ -279,13 +279,29 @@ def _train_step(
     return result, epoch_ended
 
 
-def _data_parallel(model: nn.Module, ctx: distributed.Distributed) -> nn.Module:
+def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
     """The model wrapped in DistributedDataParallel when this is one rank of several; else the model."""
+    model = parts.model
     if not ctx.active:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if parts.unfreezer is not None:
+        raise ConfigError(
+            "finetune.unfreeze_every_epochs cannot run data-parallel: DDP fixes the trainable parameters when it "
+            "wraps the model, so layers unfrozen later would never be synchronised; use one process"
+        )
     device = next(model.parameters()).device
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch, as on 1 GPU
+        else:
+            warnings.warn(
+                "model.norm=batch under data parallel on CPU: each rank normalises with its own part of the batch "
+                "(SyncBatchNorm needs CUDA), so the run is close to, not equal to, a single-process run",
+                GradwiseWarning,
+                stacklevel=2,
+            )
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
