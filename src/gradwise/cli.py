@@ -314,7 +314,17 @@ def _train(args: argparse.Namespace) -> int:
         # Every rank trains into the directory rank 0 named (timestamps differ between processes).
         run_dir = ctx.broadcast(new_run_dir(cfg, recipe.stem) if ctx.is_main else None)
         summary = fit(cfg, run_dir)
+    _leave(ctx)
     return _report_run(run_dir, summary) if ctx.is_main else 0
+
+
+def _leave(ctx: Any) -> None:
+    """All ranks finish together and leave the process group (ranks exiting without it sometimes abort)."""
+    from gradwise.train import distributed
+
+    if ctx.active:
+        ctx.barrier()
+        distributed.shutdown()
 
 
 def _launch(nproc: int, command: list[str]) -> int:
@@ -344,8 +354,10 @@ def _resume(args: argparse.Namespace) -> int:
         return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
     from gradwise.train import distributed
 
+    ctx = distributed.current()
     summary = fit(cfg, args.run_dir, resume=True)
-    return _report_run(args.run_dir, summary) if distributed.current().is_main else 0
+    _leave(ctx)
+    return _report_run(args.run_dir, summary) if ctx.is_main else 0
 
 
 def _report_run(run_dir: Path, summary: dict[str, Any]) -> int:
