@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", choices=["best", "last"], default="best")
     exp.add_argument("-o", "--out", type=Path, default=None, help="output directory (default RUN_DIR/export)")
 
+    con = sub.add_parser(
+        "consolidate",
+        help="assemble an FSDP run's sharded checkpoints into one safetensors file",
+        formatter_class=fmt,
+        description="A run trained with distributed.strategy=fsdp keeps every rank's shards of the weights in "
+        "checkpoints/<tag>/shards/. Write the full weights as checkpoints/<tag>/model.safetensors (or -o FILE, with "
+        "one --checkpoint), in one process, for any number of processes the run was saved with. eval, compress and "
+        "export also read sharded checkpoints directly; this makes the single file for other tools.\n\n"
+        "examples:\n  gradwise consolidate runs/gpt-python\n"
+        "  gradwise consolidate runs/gpt-python --checkpoint best -o gpt.safetensors",
+    )
+    con.add_argument("run_dir", type=Path)
+    con.add_argument("--checkpoint", choices=["best", "last", "all"], default="all")
+    con.add_argument("-o", "--out", type=Path, default=None, help="output file (with --checkpoint best or last)")
+
     gen = sub.add_parser(
         "generate",
         help="sample text from a language-model run",
@@ -305,7 +320,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from gradwise.train import distributed
 
-    ctx = distributed.current()
+    ctx = distributed.current(cfg.distributed.timeout_s)
     if cfg.resume is not None:
         run_dir = cfg.resume
         check_resumable(run_dir, cfg)
@@ -328,15 +343,10 @@ def _leave(ctx: Any) -> None:
 
 
 def _launch(nproc: int, command: list[str]) -> int:
-    """Run ``gradwise COMMAND`` as ``nproc`` data-parallel processes under torchrun on this machine."""
-    import subprocess
+    """Run ``gradwise COMMAND`` as ``nproc`` data-parallel processes on this machine (torch's elastic launcher)."""
+    from gradwise.train.launch import launch
 
-    from gradwise.errors import ConfigError
-
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1 (got {nproc})")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return subprocess.run([*launcher, "-m", "gradwise", *command], check=False).returncode
+    return launch(nproc, command)
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -354,7 +364,7 @@ def _resume(args: argparse.Namespace) -> int:
         return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
     from gradwise.train import distributed
 
-    ctx = distributed.current()
+    ctx = distributed.current(cfg.distributed.timeout_s)
     summary = fit(cfg, args.run_dir, resume=True)
     _leave(ctx)
     return _report_run(args.run_dir, summary) if ctx.is_main else 0
@@ -389,6 +399,21 @@ def _export(args: argparse.Namespace) -> int:
     from gradwise.experiments.export import export_run
 
     print(export_run(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint))
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from gradwise.errors import ConfigError
+    from gradwise.train.checkpoint import resolve_checkpoint
+    from gradwise.train.sharded_checkpoint import consolidate
+
+    if args.out is not None and args.checkpoint == "all":
+        raise ConfigError("consolidate: -o names one file; choose --checkpoint best or --checkpoint last")
+    tags = ["last", "best"] if args.checkpoint == "all" else [args.checkpoint]
+    present = [tag for tag in tags if args.checkpoint != "all" or (args.run_dir / "checkpoints" / tag).exists()]
+    for tag in present or tags:  # nothing present: resolve_checkpoint names what is missing
+        written = consolidate(resolve_checkpoint(args.run_dir, tag), args.out)
+        print(f"{tag}: {written}")
     return 0
 
 
@@ -532,6 +557,7 @@ _COMMANDS = {
     "resume": _resume,
     "eval": _eval,
     "export": _export,
+    "consolidate": _consolidate,
     "generate": _generate,
     "recipes": _recipes,
     "compress": _compress,

@@ -453,6 +453,38 @@ class LogConfig(Section):
     mlflow: str | None = None
 
 
+class DistributedConfig(Section):
+    """How the processes of a torch.distributed job share a run (ignored by a single process).
+
+    ``ddp`` replicates the model and averages gradients (DistributedDataParallel);
+    ``fsdp`` shards parameters, gradients and optimizer state over the ranks
+    with FSDP2's ``fully_shard`` on every block and at the root, so each rank
+    holds about 1/N of the training state (Zhao et al. 2023, "PyTorch FSDP";
+    Rajbhandari et al. 2020, "ZeRO"). ``mixed_precision`` is FSDP's
+    parameter/all-gather dtype (gradient reductions stay fp32);
+    ``reshard_after_forward: false`` keeps gathered blocks until backward
+    (more memory, fewer all-gathers); ``cpu_offload`` keeps the shards in CPU
+    memory between uses (CUDA only). A rank that waits ``timeout_s`` seconds in
+    a collective gives up, so a dead peer ends the job instead of hanging it.
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    mixed_precision: Literal["bf16", "fp16"] | None = None
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    timeout_s: PositiveInt = 300
+
+    @model_validator(mode="after")
+    def _check(self) -> DistributedConfig:
+        if self.strategy != "fsdp":
+            for name in ("mixed_precision", "cpu_offload"):
+                if getattr(self, name) not in (None, False):
+                    raise ValueError(f"distributed.{name} is an FSDP setting; set distributed.strategy=fsdp")
+            if not self.reshard_after_forward:
+                raise ValueError("distributed.reshard_after_forward is an FSDP setting; set distributed.strategy=fsdp")
+        return self
+
+
 class RunConfig(Section):
     """A whole run. ``variants`` trains the same recipe once per named set of overrides."""
 
@@ -477,6 +509,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    distributed: DistributedConfig = DistributedConfig()
     prune: PruneConfig | None = None
     distill: DistillConfig | None = None
     qat: QATConfig | None = None
@@ -504,6 +537,17 @@ class RunConfig(Section):
             )
         if self.distill is not None and self.task.kind in ("regression", "language_modeling"):
             raise ValueError(f"distill needs a classification task (task.kind is {self.task.kind!r})")
+        if self.distributed.strategy == "fsdp":
+            # Each of these holds references to whole parameters that fully_shard replaces with shards.
+            refused = {
+                "finetune.lora": self.finetune.lora is not None,
+                "finetune.unfreeze_every_epochs": self.finetune.unfreeze_every_epochs is not None,
+                "prune": self.prune is not None,
+                "qat": self.qat is not None,
+            }
+            for name, used in refused.items():
+                if used:
+                    raise ValueError(f"{name} cannot be combined with distributed.strategy=fsdp; use ddp")
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self

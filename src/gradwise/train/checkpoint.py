@@ -7,6 +7,10 @@ Layout under ``runs/<name>/checkpoints/``::
     last -> step-00000120      (symlinks, replaced atomically)
     best -> weights-00000100
 
+A run with ``distributed.strategy: fsdp`` writes ``shards/`` (every rank's
+shards of the weights and optimizer state, see ``sharded_checkpoint``) in
+place of ``model.safetensors``; ``gradwise consolidate`` adds the single file.
+
 A step directory is written under a temporary name, every file fsynced, then
 renamed into place; only then is the ``last``/``best`` link swapped with
 ``os.replace``. A run killed at any instant therefore leaves the previous
@@ -126,28 +130,48 @@ def save_checkpoint(
     the whole training state).
     """
     root.mkdir(parents=True, exist_ok=True)
-    name = f"{'weights' if weights_only else 'step'}-{step:08d}"
+    name = checkpoint_name(step, weights_only=weights_only)
     final = root / name
     if not (final / STATE_FILE).exists():
         tmp = root / f".tmp-{name}-{os.getpid()}"  # pruned by a later save if this process dies
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tensors: dict[str, torch.Tensor] = {}
-        meta = flatten_state(state, tensors)
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps(meta))
-        for file in (MODEL_FILE, TENSORS_FILE, STATE_FILE):
-            _fsync_file(tmp / file)
-        if final.exists():  # a half-written leftover from a killed run: never pointed to by a tag
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync_file(tmp / MODEL_FILE)
+        write_state_files(tmp, state)
+        move_into_place(tmp, final)
+    point_tags(root, name, tags)
+    return final
+
+
+def checkpoint_name(step: int, *, weights_only: bool = False) -> str:
+    return f"{'weights' if weights_only else 'step'}-{step:08d}"
+
+
+def write_state_files(directory: Path, state: dict[str, Any]) -> None:
+    """The training state beside the weights: tensors in safetensors, the rest in JSON; both fsynced."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta = flatten_state(state, tensors)
+    save_file(tensors, str(directory / TENSORS_FILE))
+    (directory / STATE_FILE).write_text(json.dumps(meta))
+    for file in (TENSORS_FILE, STATE_FILE):
+        _fsync_file(directory / file)
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename a fully written checkpoint directory to its final name (replacing a half-written leftover)."""
+    if final.exists():  # a half-written leftover from a killed run: never pointed to by a tag
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def point_tags(root: Path, name: str, tags: list[str]) -> None:
+    """Point each tag (``last``, ``best``) at checkpoint ``name`` and delete what no tag points to."""
     for tag in tags:
         _point_link(root / tag, name)
     _fsync_dir(root)
     _prune(root)
-    return final
 
 
 def _prune(root: Path) -> None:
@@ -171,7 +195,15 @@ def resolve_checkpoint(run_dir: Path, tag: str) -> Path:
 
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Model weights of a checkpoint directory (safetensors, no pickle)."""
+    """Model weights of a checkpoint directory (safetensors, no pickle).
+
+    A sharded (FSDP) checkpoint without a consolidated ``model.safetensors`` is assembled from its shards.
+    """
+    if not (ckpt / MODEL_FILE).exists():
+        from gradwise.train.sharded_checkpoint import consolidated_model_state, is_sharded
+
+        if is_sharded(ckpt):
+            return consolidated_model_state(ckpt)
     return _load_tensors(ckpt / MODEL_FILE)
 
 

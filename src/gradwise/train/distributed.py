@@ -23,8 +23,9 @@ import torch.distributed as dist
 
 from gradwise.errors import ConfigError
 
-# A rank that died makes the others fail a collective after this long instead of waiting forever.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# A rank that died makes the others fail a collective after this long instead of waiting forever
+# (distributed.timeout_s in the config).
+COLLECTIVE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,14 @@ class Distributed:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise maximum of ``tensor`` over all ranks (returned on every rank)."""
+        if not self.active:
+            return tensor
+        largest = tensor.detach().clone()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return largest
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on at least one (stop decisions must agree)."""
         if not self.active:
@@ -76,15 +85,19 @@ class Distributed:
             dist.barrier()
 
 
-def current() -> Distributed:
-    """The job this process belongs to, joining its process group on first call (torchrun's variables)."""
+def current(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Distributed:
+    """The job this process belongs to, joining its process group on first call (torchrun's variables).
+
+    Args:
+        timeout_s: How long a collective waits for a peer before failing (only used when joining).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         try:
-            dist.init_process_group(backend=backend, timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(
                 f"torch.distributed: cannot join the job (WORLD_SIZE={world}, "

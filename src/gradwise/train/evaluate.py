@@ -38,19 +38,28 @@ def evaluate(
 
     Under torch.distributed (``ctx``) each rank evaluates its stride of the split and the meters'
     sufficient statistics are summed over ranks, so every rank gets the metrics of the whole split.
+    Every rank runs the same number of forward passes (a sharded model's forwards are collectives).
     """
     was_training = model.training
     model.eval()
     meter = task.new_meter()
     dtype = next(model.parameters()).dtype
-    mine = ctx.shard(torch.arange(len(split.y))) if ctx is not None else torch.arange(len(split.y))
-    for start in range(0, len(mine), batch_size):
+    everything = torch.arange(len(split.y))
+    mine = ctx.shard(everything) if ctx is not None else everything
+    # A fully sharded model all-gathers its weights inside every forward, so every rank must run as many
+    # forwards as the rank with the most rows (rank 0); a rank that has run out repeats a row, unmetered.
+    longest = len(everything[:: ctx.world]) if ctx is not None and ctx.active else len(mine)
+    for start in range(0, longest, batch_size):
         rows = mine[start : start + batch_size]
+        padding = len(rows) == 0
+        if padding:
+            rows = everything[:1]
         x = to_device(gather(split.x, split.lengths, rows), device, dtype)
         y = to_device(split.y[rows], device, dtype)
         with autocast(device, precision):
             outputs = model(x)
-        meter.update(outputs.to(dtype), y)
+        if not padding:
+            meter.update(outputs.to(dtype), y)
     if ctx is not None and ctx.active:
         meter.load_stats(ctx.sum(meter.stats()))
     model.train(was_training)

@@ -26,6 +26,8 @@ from gradwise.config import CheckpointConfig
 from gradwise.train.checkpoint import save_checkpoint
 
 Snapshot = Callable[[], dict[str, Any]]
+# save_checkpoint's signature: (root, step, model_state, state, tags, *, weights_only) -> the checkpoint directory.
+Writer = Callable[..., Path]
 
 
 class CheckpointKeeper:
@@ -38,6 +40,9 @@ class CheckpointKeeper:
         training_state: Returns the full training state at the moment of a write.
         before_write: Called before every write, e.g. to make the metrics log
             durable up to the checkpoint's step (resume cuts the log back to it).
+        write: Writes one checkpoint (``save_checkpoint``, or a sharded writer that every rank calls).
+        agree: Makes a rank-local decision (the time since the last write) the same on every rank;
+            needed when all ranks write together.
     """
 
     def __init__(
@@ -47,12 +52,16 @@ class CheckpointKeeper:
         model: nn.Module,
         training_state: Snapshot,
         before_write: Callable[[], None] = lambda: None,
+        write: Writer = save_checkpoint,
+        agree: Callable[[bool], bool] = lambda decision: decision,
     ) -> None:
         self.root = root
         self.cfg = cfg
         self.model = model
         self.training_state = training_state
         self.before_write = before_write
+        self.write = write
+        self.agree = agree
         self.saved_step = -1
         self._saved_at = -math.inf
         self._pending_best: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -60,10 +69,8 @@ class CheckpointKeeper:
     def after_eval(self, step: int, improved: bool) -> None:
         """Remember a new best; write when the interval since the last write has passed."""
         if improved and self.cfg.keep_best:
-            # On the CPU: a pending best must not double the model's accelerator memory.
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-            self._pending_best = (step, weights)
-        if time.monotonic() - self._saved_at >= self.cfg.min_interval_s:
+            self._pending_best = (step, {k: _copy(v) for k, v in self.model.state_dict().items()})
+        if self.agree(time.monotonic() - self._saved_at >= self.cfg.min_interval_s):
             self.save(step)
 
     def after_step(self, step: int) -> None:
@@ -82,8 +89,19 @@ class CheckpointKeeper:
                 tags.append("best")
             else:
                 # Weights only: `best` is for evaluation and restore-best; runs resume from `last`.
-                save_checkpoint(self.root, best_step, weights, {}, ["best"], weights_only=True)
+                self.write(self.root, best_step, weights, {}, ["best"], weights_only=True)
             self._pending_best = None
-        save_checkpoint(self.root, step, self.model.state_dict(), self.training_state(), tags)
+        self.write(self.root, step, self.model.state_dict(), self.training_state(), tags)
         self.saved_step = step
         self._saved_at = time.monotonic()
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A pending best's copy: on the CPU, so it does not double the model's accelerator memory.
+
+    A shard of a fully sharded parameter stays where it is: it is 1/N of the weights, and its layout
+    is what the sharded writer needs.
+    """
+    if hasattr(tensor, "to_local"):
+        return tensor.detach().clone()
+    return tensor.detach().to("cpu", copy=True)

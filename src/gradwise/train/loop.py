@@ -15,12 +15,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gradwise.config import RunConfig
@@ -36,6 +38,7 @@ from gradwise.train.checkpoint import (
     load_training_state,
     load_weights_into,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
@@ -44,6 +47,8 @@ from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
+from gradwise.train.sharded_checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes
 
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
 STOP_CHECK_STEPS = 16
@@ -99,16 +104,19 @@ def fit(
             SIGTERM do the same.
         hooks: Outside observers that may end the run (see :class:`FitHooks`).
     """
-    ctx = distributed.current()
-    parts = build_run(cfg)
+    ctx = distributed.current(cfg.distributed.timeout_s)
+    # FSDP runs keep sharded checkpoints whatever the process count, so any count can resume them.
+    sharded = cfg.distributed.strategy == "fsdp"
+    parts = build_run(cfg, fully_shard=sharded and ctx.active)
     counters = Counters()
     if resume:
-        _restore(parts, counters, run_dir)
+        _restore(parts, counters, run_dir, ctx)
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
         record_data(parts.data.info, run_dir)
-    # Under torch.distributed only rank 0 writes: the other ranks log to nowhere and keep no checkpoints.
+    # Under torch.distributed only rank 0 writes logs; the other ranks log to nowhere. Checkpoints are
+    # rank 0's too, except FSDP's sharded ones, which every rank writes together.
     trackers = _open_trackers(cfg, run_dir, resume) if ctx.is_main else []
     log: MetricsLog | _Silent = (
         MetricsLog(run_dir, resume_step=counters.step if resume else None, listeners=[t.log for t in trackers])
@@ -120,10 +128,12 @@ def fit(
             run_dir / "checkpoints",
             cfg.checkpoint,
             parts.model,
-            training_state=lambda: _training_state(parts, counters),
+            training_state=lambda: _training_state(parts, counters, sharded=sharded),
             before_write=log.sync,
+            write=partial(save_sharded_checkpoint, ctx=ctx) if sharded else save_checkpoint,
+            agree=ctx.any,
         )
-        if ctx.is_main
+        if ctx.is_main or sharded
         else _Silent()
     )
     net = _data_parallel(parts, ctx)
@@ -183,6 +193,14 @@ def fit(
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
             keeper.save(counters.step)
+        except dist.DistError as exc:
+            # A peer died or stopped answering: this rank cannot go on, and has nothing to save that `last` lacks.
+            log.sync()
+            raise TrainingError(
+                f"rank {ctx.rank}: lost contact with the other ranks at step {counters.step + 1} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); another rank died or was stopped; "
+                f"checkpoint 'last' (step {keeper.saved_step}) is kept"
+            ) from None
         except TrainingError as exc:
             log.sync()
             kept = (
@@ -254,9 +272,8 @@ def _train_step(
     # A rank with no rows (a batch smaller than the world) still runs an empty forward to join the all-reduce.
     chunks = list(parts.plan.micro_batches(local)) if len(local) else [local]
     for i, chunk in enumerate(chunks):
-        # Gradients are all-reduced once per optimizer step, with the last micro-batch.
-        sync = net.no_sync() if ctx.active and i < len(chunks) - 1 else nullcontext()
-        with sync:
+        # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimizer step, with the last micro-batch.
+        with gradient_sync(net, enabled=not ctx.active or i == len(chunks) - 1):
             with autocast(parts.device, cfg.precision):
                 outputs = net(gather(x, lengths, chunk))
             # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
@@ -275,7 +292,9 @@ def _train_step(
         raise TrainingError(f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f})")
     grad_norm = None
     if cfg.regularize.clip_grad_norm is not None:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm)
+        # Over sharded gradients the norm is a DTensor: its full value is the norm of the whole model.
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if parts.noise is not None:
         # After clipping, so the injected variance is exactly the scheduled one.
         parts.noise.add_(_parameters(optimizer), step)
@@ -289,7 +308,10 @@ def _train_step(
 
 
 def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
-    """The model wrapped in DistributedDataParallel when this is one rank of several; else the model."""
+    """The model wrapped in DistributedDataParallel when this is one rank of several; else the model.
+
+    A fully sharded model (``distributed.strategy: fsdp``, sharded by ``build_run``) is its own wrapper.
+    """
     model = parts.model
     if not ctx.active:
         return model
@@ -302,7 +324,7 @@ def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
         )
     device = next(model.parameters()).device
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        if device.type == "cuda":
+        if device.type == "cuda" and not is_fully_sharded(model):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch, as on 1 GPU
         else:
             warnings.warn(
@@ -311,6 +333,8 @@ def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
                 GradwiseWarning,
                 stacklevel=2,
             )
+    if is_fully_sharded(model):
+        return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -379,10 +403,17 @@ def _evaluate_split(parts: RunParts, split: str, ctx: distributed.Distributed) -
     return evaluate(parts.model, parts.task, data, split, cfg.eval.batch_size, parts.device, cfg.precision, ctx=ctx)
 
 
-def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
+def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> dict[str, Any]:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        # Keyed by parameter name: a sharded checkpoint must load into another process count's layout.
+        optimizer_state = get_optimizer_state_dict(parts.model, parts.optimizer)
+    else:
+        optimizer_state = parts.optimizer.state_dict()
     return {
         "counters": asdict(counters),
-        "optimizer": parts.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "schedule": parts.schedule.state_dict(),
         "sampler": parts.sampler.state_dict(),
         "stopper": parts.stopper.state_dict(),
@@ -392,11 +423,20 @@ def _training_state(parts: RunParts, counters: Counters) -> dict[str, Any]:
     }
 
 
-def _restore(parts: RunParts, counters: Counters, run_dir: Path) -> None:
+def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distributed.Distributed) -> None:
     """Load every piece of state from ``last`` so the run continues bit-for-bit."""
     ckpt = resolve_checkpoint(run_dir, "last")
-    load_weights_into(parts.model, load_model_state(ckpt), ckpt)
-    state = load_training_state(ckpt)
+    if is_sharded(ckpt):
+        # Weights and optimizer state come from the shards, into this run's layout (any process count).
+        state = load_sharded_checkpoint(ckpt, parts.model, parts.optimizer, ctx=ctx)
+    elif is_fully_sharded(parts.model):
+        raise CheckpointError(
+            f"{ckpt}: saved by a run without distributed.strategy=fsdp; resume it with the strategy it was "
+            "trained with (distributed.strategy=ddp)"
+        )
+    else:
+        load_weights_into(parts.model, load_model_state(ckpt), ckpt)
+        state = load_training_state(ckpt)
     try:
         _load_state(parts, counters, state)
     except (KeyError, TypeError, ValueError) as exc:
@@ -404,7 +444,8 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path) -> None:
 
 
 def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> None:
-    parts.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:  # a sharded checkpoint's optimizer state is loaded with its weights
+        parts.optimizer.load_state_dict(state["optimizer"])
     parts.schedule.load_state_dict(state["schedule"])
     parts.sampler.load_state_dict(state["sampler"])
     parts.stopper.load_state_dict(state["stopper"])
@@ -436,7 +477,10 @@ def _finish(
     ctx.barrier()  # rank 0 has written the best checkpoint that every rank loads next
     if cfg.stop.restore_best and cfg.checkpoint.keep_best and best_step is not None and best_step != counters.step:
         best = resolve_checkpoint(run_dir, "best")
-        load_weights_into(parts.model, load_model_state(best), best)
+        if is_sharded(best):
+            load_sharded_checkpoint(best, parts.model, None, ctx=ctx)
+        else:
+            load_weights_into(parts.model, load_model_state(best), best)
         weights = "best"
     val, test = _evaluate_split(parts, "val", ctx), None
     final = dict(val.metrics)
@@ -463,6 +507,10 @@ def _finish(
         "wall_time_s": round(counters.elapsed_s, 3),
         "examples_per_s": round(counters.examples / max(counters.elapsed_s, 1e-9), 1),
         "parameters": count_parameters(parts.model),
+        # What one process holds of the training state (the largest over ranks): FSDP divides it by the world.
+        "state_mb_per_process": _state_mb_per_process(parts, ctx),
+        "processes": ctx.world,
+        "strategy": cfg.distributed.strategy if ctx.active else "single",
         "device": str(parts.device),
         "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name,
@@ -484,6 +532,12 @@ def _finish(
     if cfg.log.plots:
         _write_plots(run_dir)
     return summary
+
+
+def _state_mb_per_process(parts: RunParts, ctx: distributed.Distributed) -> dict[str, float]:
+    held = state_bytes(parts.model, parts.optimizer)
+    largest = ctx.max(torch.tensor([held["parameters"], held["optimizer"]], dtype=torch.float64))
+    return {"parameters": round(float(largest[0]) / 2**20, 4), "optimizer": round(float(largest[1]) / 2**20, 4)}
 
 
 def _eval_line_at(run_dir: Path, step: int | None) -> dict[str, float]:

@@ -92,8 +92,14 @@ def build_model_for(cfg: RunConfig, info: DataInfo, *, training: bool = False) -
     return model, build_task(cfg.task, info), device
 
 
-def build_run(cfg: RunConfig) -> RunParts:
-    """Build every component of a run from its config."""
+def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
+    """Build every component of a run from its config.
+
+    Args:
+        cfg: The validated run config.
+        fully_shard: Shard the model over the ranks of the current process group with FSDP2 before the
+            optimizer is built (the optimizer must see the sharded parameters).
+    """
     data, model, task, device = build_model_and_data(cfg, training=True)
     monitor = _resolve_monitor(cfg, task, model, data, device)
     if cfg.distill is not None:
@@ -103,6 +109,10 @@ def build_run(cfg: RunConfig) -> RunParts:
         task, data = attach_teacher(cfg, task, data, model, device)
     mode = monitor_mode(monitor, cfg.stop.mode)
     adaptation = prepare_for_training(cfg, model)
+    if fully_shard:
+        from gradwise.train.sharding import fully_shard_model
+
+        model = fully_shard_model(model, cfg.distributed, device)
     optimizer = build_optimizer(model, adaptation.optim, cfg.regularize.weight_decay)
     if adaptation.unfreezer is not None:
         adaptation.unfreezer.apply(0)  # the optimizer covers every layer; now freeze all but the first stage

@@ -1,0 +1,242 @@
+"""Sharded checkpoints of FSDP runs with torch.distributed.checkpoint, stored as safetensors.
+
+Layout of one checkpoint (beside the usual ``state.json``/``state.safetensors``
+that rank 0 writes for the counters, schedule, sampler, stopper and RNGs)::
+
+    step-00000120/shards/shard-00001-model-00001-of-00001.safetensors   rank 0's shards
+                         shard-00002-model-00001-of-00001.safetensors   rank 1's shards
+
+Every rank writes its own shards of the weights (``model.<name>``) and of the
+optimizer state (``optim.<name>.<key>``, keyed by parameter name, not by
+position) in parallel. Each file records in its safetensors header where its
+pieces sit in the full tensors, so ``torch.distributed.checkpoint`` reads them
+back into any other layout: resuming with a different number of processes, or
+with one process and no sharding at all, is a load like any other. DCP's
+default file format keeps its index in a pickle; its Hugging Face storage
+layer used here keeps everything in safetensors headers, so loading a
+checkpoint never unpickles anything.
+
+``consolidated_model_state`` assembles the full weights in one process (what
+``gradwise consolidate`` writes as ``model.safetensors`` for eval, compress
+and export).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwise.errors import CheckpointError
+from gradwise.train.checkpoint import (
+    STATE_FILE,
+    checkpoint_name,
+    load_training_state,
+    move_into_place,
+    point_tags,
+    write_state_files,
+)
+from gradwise.train.distributed import Distributed
+
+SHARDS_DIR = "shards"
+MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
+SHARD_REF = "__shard__"
+# DCP says this whenever it runs without a process group, which one-process runs and consolidation do on purpose.
+_SINGLE_PROCESS_NOTICE = ".*assuming the intent is to (save|load) in a single process.*"
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDS_DIR).is_dir()
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tags: list[str],
+    *,
+    ctx: Distributed,
+    weights_only: bool = False,
+) -> Path:
+    """Write checkpoint ``step`` with every rank's shards; all ranks call this together.
+
+    Args:
+        root: The run's ``checkpoints/`` directory (on a filesystem every rank sees).
+        step: The optimizer step.
+        model_state: The model's state dict (sharded DTensors under FSDP, plain tensors otherwise).
+        state: The training state; its ``optimizer`` entry, when present, is the name-keyed optimizer state
+            dict of ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``.
+        tags: Links to point at this checkpoint (``last``, ``best``), by rank 0.
+        ctx: This process's place in the job.
+        weights_only: A ``best`` kept between two full writes: weights, no training state.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    name = checkpoint_name(step, weights_only=weights_only)
+    final = root / name
+    # Every rank decides before the first barrier, so none can see rank 0's finished rename while another did not.
+    if not (final / STATE_FILE).exists():
+        tmp = root / f".tmp-{name}-sharded"
+        if ctx.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        ctx.barrier()
+        shards = {MODEL_PREFIX + key: value for key, value in model_state.items()}
+        rest = dict(state)
+        if "optimizer" in rest:
+            rest["optimizer"] = _shard_references(rest["optimizer"], shards)
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
+            dcp.save(shards, storage_writer=writer, no_dist=not ctx.active)  # returns once every rank has written
+        if ctx.is_main:
+            write_state_files(tmp, rest)
+            move_into_place(tmp, final)
+    if ctx.is_main:
+        point_tags(root, name, tags)
+    ctx.barrier()  # nobody reads `last`/`best` before the links point at complete files
+    return final
+
+
+def _shard_references(optimizer_state: dict[str, Any], shards: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The optimizer state dict with each tensor moved into ``shards`` and replaced by a reference to its key."""
+    state: dict[str, dict[str, Any]] = {}
+    for param, entry in optimizer_state["state"].items():
+        state[param] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                shard_key = f"{OPTIM_PREFIX}{param}.{key}"
+                shards[shard_key] = value
+                state[param][key] = {SHARD_REF: shard_key}
+            else:
+                state[param][key] = value
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
+
+
+def load_sharded_checkpoint(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, ctx: Distributed
+) -> dict[str, Any]:
+    """Load the weights (and the optimizer state) of a sharded checkpoint into the model's current layout.
+
+    All ranks call this together. Returns the rest of the training state (empty for a weights-only ``best``).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = load_training_state(ckpt) if optimizer is not None else {}
+    model_state = get_model_state_dict(model)
+    targets = {MODEL_PREFIX + key: value for key, value in model_state.items()}
+    saved_optimizer = state.pop("optimizer", None)
+    if optimizer is not None:
+        if saved_optimizer is None:
+            raise CheckpointError(f"{ckpt}: no optimizer state in {STATE_FILE}; it is not a training checkpoint")
+        # Creates the optimizer's state tensors (one zero step) so that there is a place to load them into.
+        template = get_optimizer_state_dict(model, optimizer)
+        for param, entry in saved_optimizer["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, dict) and SHARD_REF in value:
+                    try:
+                        targets[value[SHARD_REF]] = template["state"][param][key]
+                    except KeyError:
+                        raise CheckpointError(
+                            f"{ckpt}: optimizer state {param}.{key} has no counterpart in this run's optimizer"
+                        ) from None
+    _read_shards(ckpt, targets, no_dist=not ctx.active)
+    set_model_state_dict(model, model_state)
+    if optimizer is not None and saved_optimizer is not None:
+        loaded = {
+            "state": {
+                param: {key: _resolve(value, targets) for key, value in entry.items()}
+                for param, entry in saved_optimizer["state"].items()
+            },
+            "param_groups": saved_optimizer["param_groups"],
+        }
+        set_optimizer_state_dict(model, optimizer, loaded)
+    return state
+
+
+def _resolve(value: Any, targets: dict[str, torch.Tensor]) -> Any:
+    return targets[value[SHARD_REF]] if isinstance(value, dict) and SHARD_REF in value else value
+
+
+def _read_shards(ckpt: Path, targets: dict[str, torch.Tensor], *, no_dist: bool) -> None:
+    """Fill ``targets`` in place from the shards, checking names and full shapes first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    shards = ckpt / SHARDS_DIR
+    stored = _stored_tensors(ckpt)
+    missing = sorted(set(targets) - set(stored))
+    if missing:
+        shown = ", ".join(key.removeprefix(MODEL_PREFIX) for key in missing[:5])
+        raise CheckpointError(f"{shards}: does not match this run (missing: {shown})")
+    for key, target in targets.items():
+        if tuple(stored[key][0]) != tuple(target.shape):
+            raise CheckpointError(
+                f"{shards}: {key} has shape {tuple(stored[key][0])} in the checkpoint but {tuple(target.shape)} here"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(shards)), no_dist=no_dist)
+    except Exception as exc:  # DCP wraps every rank's failure in a CheckpointException
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise CheckpointError(f"{shards}: unreadable ({type(exc).__name__}: {first_line})") from None
+
+
+def _stored_tensors(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Full shape and dtype of every tensor in a checkpoint's shards (read from the safetensors headers)."""
+    from safetensors import SafetensorError
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    shards = ckpt / SHARDS_DIR
+    if not any(shards.glob("*.safetensors")):
+        raise CheckpointError(f"{shards}: no shard files; the checkpoint is incomplete")
+    try:
+        metadata = HuggingFaceStorageReader(str(shards)).read_metadata()
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{shards}: corrupt shard file ({type(exc).__name__}: {exc})") from None
+    return {key: (meta.size, meta.properties.dtype) for key, meta in metadata.state_dict_metadata.items()}
+
+
+def consolidated_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full weights of a sharded checkpoint, assembled in this process (no process group needed)."""
+    stored = _stored_tensors(ckpt)
+    full = {
+        key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in stored.items() if key.startswith(MODEL_PREFIX)
+    }
+    _read_shards(ckpt, full, no_dist=True)
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in full.items()}
+
+
+def consolidate(ckpt: Path, out: Path | None = None) -> Path:
+    """Write the full weights of sharded checkpoint ``ckpt`` as one safetensors file (default: its model.safetensors).
+
+    The file is written under a temporary name and renamed, so a reader never sees half of it.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    from gradwise.train.checkpoint import MODEL_FILE
+
+    if not is_sharded(ckpt):
+        raise CheckpointError(f"{ckpt}: not a sharded checkpoint (no {SHARDS_DIR}/ directory); nothing to consolidate")
+    target = out if out is not None else ckpt / MODEL_FILE
+    weights = consolidated_model_state(ckpt)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    save_file({key: value.contiguous() for key, value in weights.items()}, str(tmp))
+    os.replace(tmp, target)
+    return target
