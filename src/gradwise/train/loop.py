@@ -43,6 +43,7 @@ from gradwise.train.checkpoint import (
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
 from gradwise.train.keeper import CheckpointKeeper
+from gradwise.train.ledger import LossLedger
 from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
@@ -79,7 +80,7 @@ class FitHooks:
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float
+    loss: torch.Tensor  # this rank's share of the step's loss (the whole loss in one process); see LossLedger
     lr: float
     batch_size: int
     grad_norm: float | None
@@ -131,7 +132,8 @@ def fit(
             training_state=lambda: _training_state(parts, counters, sharded=sharded),
             before_write=log.sync,
             write=partial(save_sharded_checkpoint, ctx=ctx) if sharded else save_checkpoint,
-            agree=ctx.any,
+            # All ranks write sharded checkpoints together, so they must agree when; rank 0 alone needs no one.
+            agree=ctx.any if sharded else lambda decision: decision,
         )
         if ctx.is_main or sharded
         else _Silent()
@@ -149,27 +151,37 @@ def fit(
     started = time.perf_counter() - counters.elapsed_s
 
     parts.model.train()  # evaluation restores the mode it found
+    ledger = LossLedger(ctx, log.write, reporter.step)
+    loss: float | None = None  # the last settled loss
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
                 result, epoch_ended = _train_step(parts, counters.step, x_train, y_train, net, ctx)
                 counters.step += 1
                 counters.examples += result.batch_size
-                step, epoch = counters.step, parts.sampler.progress
-                log.write(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "epoch": round(epoch, 6),
-                        "examples": counters.examples,
-                        **vars(result),
-                        "time": round(time.perf_counter() - started, 4),
-                    }
+                step = counters.step
+                record = {"kind": "train", "step": step, "epoch": round(parts.sampler.progress, 6)}
+                record.update(examples=counters.examples, **vars(result))
+                ledger.add(record | {"time": round(time.perf_counter() - started, 4)}, result.loss)
+                eval_due = _eval_due(cfg, epoch_ended, step, parts.total_steps)
+                # One process settles every step. Ranks settle (one all-reduce of the window's losses and of
+                # the stop requests) where they must agree anyway, and every STOP_CHECK_STEPS steps.
+                settle = (
+                    not ctx.active
+                    or (hooks is not None and hooks.after_step is not None)
+                    or epoch_ended
+                    or eval_due
+                    or step % STOP_CHECK_STEPS == 0
+                    or step == parts.total_steps
+                    or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
                 )
-                reporter.step(step, result.loss, result.lr)
+                asked = False
+                if settle:
+                    asked = interrupted() or (stop_requested is not None and stop_requested())
+                    loss, asked = ledger.settle(asked)
 
                 counters.elapsed_s = time.perf_counter() - started
-                if _eval_due(cfg, epoch_ended, step, parts.total_steps):
+                if eval_due:
                     improved, metrics = _evaluate(parts, counters, log, reporter, ctx)
                     judged = hooks.after_eval(step, metrics) if hooks and hooks.after_eval else None
                     if judged:
@@ -179,17 +191,12 @@ def fit(
                 if parts.stopper.should_stop:
                     stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
                     break
-                halted = hooks.after_step(step, result.loss) if hooks and hooks.after_step else None
+                halted = hooks.after_step(step, loss) if hooks and hooks.after_step and loss is not None else None
                 if halted:
                     stop_reason, status = halted, "stopped"
                     break
-                asked = interrupted() or (stop_requested is not None and stop_requested())
-                # Every rank must stop at the same step or the others would hang: under torch.distributed the
-                # ranks agree by an all-reduce, every STOP_CHECK_STEPS steps and at epoch ends (a collective
-                # per step cost ~1 ms with gloo, more than a small model's whole step).
-                if ctx.active and not (epoch_ended or step % STOP_CHECK_STEPS == 0):
-                    asked = False
-                if ctx.any(asked):
+                # Agreed by every rank at settling: a rank that stopped alone would leave the others waiting.
+                if asked:
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
             keeper.save(counters.step)
@@ -282,14 +289,10 @@ def _train_step(
                 loss = loss * scale
             loss.backward()
         loss_sum += loss.detach()
-    loss_sum = ctx.sum(loss_sum) / scale
     penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)
     if penalty is not None:
         penalty.backward()
 
-    loss_value = float(loss_sum)
-    if not math.isfinite(loss_value):
-        raise TrainingError(f"training loss is {loss_value} at step {step + 1} (epoch {parts.sampler.progress:.2f})")
     grad_norm = None
     if cfg.regularize.clip_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm)
@@ -303,7 +306,7 @@ def _train_step(
     if parts.pruner is not None:
         parts.pruner.after_step(step + 1)  # pruned weights back to exactly zero; re-prune on schedule
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
-    result = StepResult(loss=loss_value, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
+    result = StepResult(loss=loss_sum / scale, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
 
 
