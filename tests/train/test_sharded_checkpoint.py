@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from gradwise.config import validate
+from gradwise.config import OptimConfig, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.models.cnn import CNN
 from gradwise.models.mlp import MLP
+from gradwise.optim import build_optimizer
 from gradwise.train.checkpoint import load_model_state
 from gradwise.train.distributed import Distributed
 from gradwise.train.sharded_checkpoint import (
@@ -21,15 +21,16 @@ from gradwise.train.sharded_checkpoint import (
     consolidated_model_state,
     is_sharded,
     load_sharded_checkpoint,
+    optimizer_state_dict,
     save_sharded_checkpoint,
 )
 from gradwise.train.sharding import shard_units, state_bytes
 
 
-def trained(seed: int, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
+def trained(seed: int, steps: int = 3, optimizer_name: str = "adamw") -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = MLP(8, [16, 12], 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    optimizer = build_optimizer(model, OptimConfig(name=optimizer_name, lr=0.01), weight_decay=0.0)
     for _ in range(steps):
         x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
         optimizer.zero_grad()
@@ -39,17 +40,18 @@ def trained(seed: int, steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer
 
 
 def save(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 3) -> Path:
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer), "counters": {"step": step}}
+    state = {"optimizer": optimizer_state_dict(model, optimizer), "counters": {"step": step}}
     return save_sharded_checkpoint(root, step, model.state_dict(), state, ["last"], ctx=Distributed())
 
 
-def test_a_sharded_checkpoint_restores_weights_and_optimizer_exactly(tmp_path: Path):
-    model, optimizer = trained(seed=0)
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon", "adaptive"])
+def test_a_sharded_checkpoint_restores_weights_and_optimizer_exactly(tmp_path: Path, optimizer_name: str):
+    model, optimizer = trained(seed=0, optimizer_name=optimizer_name)  # muon: two inner torch optimizers
     ckpt = save(tmp_path / "checkpoints", model, optimizer)
     assert is_sharded(ckpt) and (tmp_path / "checkpoints" / "last").resolve() == ckpt.resolve()
     assert not (ckpt / "model.safetensors").exists()
 
-    fresh, fresh_optimizer = trained(seed=1, steps=0)  # other weights, no optimizer state yet
+    fresh, fresh_optimizer = trained(seed=1, steps=0, optimizer_name=optimizer_name)  # no optimizer state yet
     rest = load_sharded_checkpoint(ckpt, fresh, fresh_optimizer, ctx=Distributed())
     assert rest == {"counters": {"step": 3}}
     for key, value in model.state_dict().items():
@@ -128,6 +130,7 @@ def test_state_bytes_counts_parameters_and_optimizer_state():
         ({"distributed": {"cpu_offload": True}}, "distributed.cpu_offload is an FSDP setting"),
         ({"distributed": {"strategy": "fsdp"}, "prune": {"sparsity": 0.5}}, "prune cannot be combined"),
         ({"distributed": {"strategy": "zero"}}, "distributed.strategy"),
+        ({"distributed": {"strategy": "fsdp"}, "optim": {"name": "adafactor"}}, "adafactor cannot run on FSDP"),
     ],
 )
 def test_distributed_config_refusals(overrides: dict, message: str):

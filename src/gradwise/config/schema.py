@@ -548,6 +548,9 @@ class RunConfig(Section):
             for name, used in refused.items():
                 if used:
                     raise ValueError(f"{name} cannot be combined with distributed.strategy=fsdp; use ddp")
+            if self.optim.name == "adafactor":
+                # torch.optim.Adafactor updates its row/column statistics in place, which sharded tensors refuse.
+                raise ValueError("optim.name adafactor cannot run on FSDP-sharded parameters; use ddp or another one")
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self

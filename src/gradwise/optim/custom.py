@@ -108,7 +108,9 @@ class AdaptiveLR(torch.optim.Optimizer):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return loss
-        sq_norm = float(sum(g.detach().double().pow(2).sum() for g in grads))
+        squares = sum(g.detach().double().pow(2).sum() for g in grads)
+        # Over FSDP-sharded gradients each rank holds a partial sum; the rule needs the whole model's norm.
+        sq_norm = float(squares.full_tensor() if hasattr(squares, "full_tensor") else squares)
         total = float(self.param_groups[0]["grad_sq_sum"]) + sq_norm
         for group in self.param_groups:
             group["grad_sq_sum"] = total
@@ -149,6 +151,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon = torch.optim.Muon(muon_groups, lr=lr, **muon_kwargs) if muon_groups else None
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, **adamw_kwargs) if adamw_groups else None
         super().__init__(self._inner_groups(), {})
+
+    @property
+    def inner_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The torch optimizers that hold the state (what torch.distributed.checkpoint's state-dict API takes)."""
+        return tuple(opt for opt in (self.muon, self.adamw) if opt is not None)
 
     def _inner_groups(self) -> Groups:
         return [g for opt in (self.muon, self.adamw) if opt is not None for g in opt.param_groups]

@@ -59,7 +59,14 @@ class GradientNoise:
                 continue
             draw_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
             noise = torch.randn(grad.shape, generator=self.generator, dtype=draw_dtype)
-            grad.add_(noise.to(device=grad.device, dtype=grad.dtype), alpha=std)
+            noise = noise.to(device=grad.device, dtype=grad.dtype)
+            if hasattr(grad, "device_mesh"):
+                # A sharded (FSDP) gradient: every rank drew the same full noise from the same generator and
+                # keeps its own shard of it (no communication), so the run equals a single-process one.
+                from torch.distributed.tensor import distribute_tensor
+
+                noise = distribute_tensor(noise, grad.device_mesh, grad.placements, src_data_rank=None)
+            grad.add_(noise, alpha=std)
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state as a uint8 tensor."""

@@ -48,7 +48,12 @@ from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
-from gradwise.train.sharded_checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from gradwise.train.sharded_checkpoint import (
+    is_sharded,
+    load_sharded_checkpoint,
+    optimizer_state_dict,
+    save_sharded_checkpoint,
+)
 from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes
 
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
@@ -200,7 +205,9 @@ def fit(
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
             keeper.save(counters.step)
-        except dist.DistError as exc:
+        except RuntimeError as exc:
+            if not (ctx.active and _lost_a_peer(exc)):
+                raise
             # A peer died or stopped answering: this rank cannot go on, and has nothing to save that `last` lacks.
             log.sync()
             raise TrainingError(
@@ -341,6 +348,14 @@ def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (gloo reports it as a plain RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "c10d", "Connection reset by peer", "Connection closed by peer")
+    )
+
+
 class _Silent:
     """What ranks other than 0 have instead of a metrics log and a checkpoint keeper: nothing is written."""
 
@@ -408,10 +423,8 @@ def _evaluate_split(parts: RunParts, split: str, ctx: distributed.Distributed) -
 
 def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> dict[str, Any]:
     if sharded:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         # Keyed by parameter name: a sharded checkpoint must load into another process count's layout.
-        optimizer_state = get_optimizer_state_dict(parts.model, parts.optimizer)
+        optimizer_state = optimizer_state_dict(parts.model, parts.optimizer)
     else:
         optimizer_state = parts.optimizer.state_dict()
     return {

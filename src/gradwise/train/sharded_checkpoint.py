@@ -121,6 +121,18 @@ def _shard_references(optimizer_state: dict[str, Any], shards: dict[str, torch.T
     return {"state": state, "param_groups": optimizer_state["param_groups"]}
 
 
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (each tensor a shard under FSDP), for a sharded checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _torch_optimizers(optimizer))
+
+
+def _torch_optimizers(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
+    """A composite optimizer (Muon with AdamW) is its inner torch optimizers for the state-dict API."""
+    return getattr(optimizer, "inner_optimizers", optimizer)
+
+
 def load_sharded_checkpoint(
     ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, ctx: Distributed
 ) -> dict[str, Any]:
@@ -143,7 +155,7 @@ def load_sharded_checkpoint(
         if saved_optimizer is None:
             raise CheckpointError(f"{ckpt}: no optimizer state in {STATE_FILE}; it is not a training checkpoint")
         # Creates the optimizer's state tensors (one zero step) so that there is a place to load them into.
-        template = get_optimizer_state_dict(model, optimizer)
+        template = get_optimizer_state_dict(model, _torch_optimizers(optimizer))
         for param, entry in saved_optimizer["state"].items():
             for key, value in entry.items():
                 if isinstance(value, dict) and SHARD_REF in value:
@@ -163,7 +175,7 @@ def load_sharded_checkpoint(
             },
             "param_groups": saved_optimizer["param_groups"],
         }
-        set_optimizer_state_dict(model, optimizer, loaded)
+        set_optimizer_state_dict(model, _torch_optimizers(optimizer), loaded)
     return state
 
 
