@@ -14,6 +14,7 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.models.cnn import CNN
 from gradwise.models.mlp import MLP
 from gradwise.optim import build_optimizer
+from gradwise.train import sharded_checkpoint
 from gradwise.train.checkpoint import load_model_state
 from gradwise.train.distributed import Distributed
 from gradwise.train.sharded_checkpoint import (
@@ -64,6 +65,18 @@ def test_a_sharded_checkpoint_restores_weights_and_optimizer_exactly(tmp_path: P
         opt.step()
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
+
+
+def test_a_rank_writes_its_shards_in_files_of_bounded_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sharded_checkpoint, "SHARD_FILE_BYTES", 600)  # a few tensors of this tiny model per file
+    model, optimizer = trained(seed=0)
+    ckpt = save(tmp_path, model, optimizer)
+    files = sorted(path.name for path in (ckpt / "shards").glob("*.safetensors"))
+    assert len(files) > 3 and files[0] == f"shard-00001-model-00001-of-{len(files):05d}.safetensors"
+    fresh, fresh_optimizer = trained(seed=1, steps=0)
+    load_sharded_checkpoint(ckpt, fresh, fresh_optimizer, ctx=Distributed())
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(consolidated_model_state(ckpt)[k], v) for k, v in model.state_dict().items())
 
 
 def test_consolidation_assembles_the_full_weights(tmp_path: Path):

@@ -3,8 +3,10 @@
 Layout of one checkpoint (beside the usual ``state.json``/``state.safetensors``
 that rank 0 writes for the counters, schedule, sampler, stopper and RNGs)::
 
-    step-00000120/shards/shard-00001-model-00001-of-00001.safetensors   rank 0's shards
-                         shard-00002-model-00001-of-00001.safetensors   rank 1's shards
+    step-00000120/shards/shard-00001-model-00001-of-00002.safetensors   rank 0's shards, in files of
+                         shard-00001-model-00002-of-00002.safetensors   about 64 MB of its data
+                         shard-00002-model-00001-of-00002.safetensors   rank 1's shards
+                         shard-00002-model-00002-of-00002.safetensors
 
 Every rank writes its own shards of the weights (``model.<name>``) and of the
 optimizer state (``optim.<name>.<key>``, keyed by parameter name, not by
@@ -46,6 +48,8 @@ SHARDS_DIR = "shards"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 SHARD_REF = "__shard__"
+# A rank's shards are written in files of about this many bytes (see _file_plan).
+SHARD_FILE_BYTES = 64 * 2**20
 # DCP says this whenever it runs without a process group, which one-process runs and consolidation do on purpose.
 _SINGLE_PROCESS_NOTICE = ".*assuming the intent is to (save|load) in a single process.*"
 
@@ -93,7 +97,8 @@ def save_sharded_checkpoint(
         rest = dict(state)
         if "optimizer" in rest:
             rest["optimizer"] = _shard_references(rest["optimizer"], shards)
-        writer = HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), save_distributed=True)
+        files = _file_plan(shards, ctx.world)
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), fqn_to_index_mapping=files, save_distributed=True)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
             dcp.save(shards, storage_writer=writer, no_dist=not ctx.active)  # returns once every rank has written
@@ -104,6 +109,25 @@ def save_sharded_checkpoint(
         point_tags(root, name, tags)
     ctx.barrier()  # nobody reads `last`/`best` before the links point at complete files
     return final
+
+
+def _file_plan(shards: dict[str, torch.Tensor], world: int) -> dict[str, int]:
+    """Which file (1, 2, …) each tensor goes to: consecutive tensors, about SHARD_FILE_BYTES of a rank's data each.
+
+    A rank serializes one file at a time and holds about twice that file in memory meanwhile (DCP copies each
+    shard out of FSDP's padded buffer, then safetensors builds the file's bytes); bounded files bound that
+    transient, which would otherwise be twice the rank's whole state. The plan is made from full tensor sizes,
+    the same on every rank, as the writer requires.
+    """
+    plan: dict[str, int] = {}
+    index, filled = 1, 0
+    for key, tensor in shards.items():
+        size = tensor.numel() * tensor.element_size() // max(world, 1)  # about one rank's part of it
+        if filled and filled + size > SHARD_FILE_BYTES:
+            index, filled = index + 1, 0
+        plan[key] = index
+        filled += size
+    return plan
 
 
 def _shard_references(optimizer_state: dict[str, Any], shards: dict[str, torch.Tensor]) -> dict[str, Any]:
