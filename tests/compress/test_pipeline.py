@@ -241,3 +241,17 @@ def test_only_makes_the_named_variants_and_keeps_the_others_made_before(source_r
     assert [r.name for r in compress_run(run_dir, plan, only=["m60"])] == ["m30", "m60"]
     with pytest.raises(ConfigError, match="no variant m90"):
         compress_run(run_dir, plan, only=["m90"])
+
+
+def test_a_run_trained_with_fsdp_compresses_like_any_other(tmp_path: Path):
+    # Saved in the sharded format (strategy fsdp, here in one process): no model.safetensors until needed.
+    run_dir = tmp_path / "fsdp"
+    fit(validate({**SOURCE, "stop": {"epochs": 3}, "distributed": {"strategy": "fsdp"}}), run_dir)
+    best = run_dir / "checkpoints" / "best"
+    assert (best / "shards").is_dir() and not (best / "model.safetensors").exists()
+    plan = recipe({"recovered": [{"prune": {"sparsity": 0.5}, "train": {"stop.epochs": 1}}]}, max_drop=0.5)
+    [result] = compress_run(run_dir, plan)
+    # The source's weights were consolidated to be measured on disk; the step trained in one ordinary process.
+    assert (best / "model.safetensors").exists()
+    assert result.status == "accepted"
+    assert yaml.safe_load((result.directory / "config.yaml").read_text())["distributed"]["strategy"] == "ddp"

@@ -81,6 +81,7 @@ def compress_run(
         ConfigError: an unknown variant in ``only``; a step that does not fit the model.
     """
     budget = source_budget(run_dir, recipe)
+    _consolidate_source(run_dir)
     names = list(recipe.variants)
     if only:
         unknown = [n for n in only if n not in recipe.variants]
@@ -96,6 +97,16 @@ def compress_run(
             continue
         results.append(run_variant(run_dir, name, recipe.variants[name], budget, force=force))
     return results
+
+
+def _consolidate_source(run_dir: Path) -> None:
+    """Give a source trained with FSDP its single best weights file, which is measured as the model on disk."""
+    from gradwise.train.checkpoint import MODEL_FILE, resolve_checkpoint
+    from gradwise.train.sharded_checkpoint import consolidate, is_sharded
+
+    best = resolve_checkpoint(run_dir, "best")
+    if is_sharded(best) and not (best / MODEL_FILE).exists():
+        consolidate(best)
 
 
 def _finished(target: Path, steps: list[Step]) -> VariantResult | None:
@@ -315,7 +326,8 @@ def _source_raw(source: Path) -> dict[str, Any]:
     from gradwise.config import read_yaml
 
     raw = read_yaml(source / CONFIG_FILE)
-    for key in ("prune", "distill", "qat", "variants", "resume"):
+    # Compression steps train in one process: an FSDP source's `distributed` settings do not carry over.
+    for key in ("prune", "distill", "qat", "variants", "resume", "distributed"):
         raw.pop(key, None)
     # The source's weights arrive through model.init_from (LoRA folded in): the step trains the whole model.
     raw.pop("finetune", None)
