@@ -114,6 +114,11 @@ def test_resume_refuses_a_changed_optimization(capsys, tmp_path, monkeypatch):
     code, _, _ = run_main(capsys, "resume", "runs/r", "stop.epochs=2")  # training longer is allowed
     assert code == 0
     assert json.loads((tmp_path / "runs/r/summary.json").read_text())["epochs"] == pytest.approx(2.0)
+    # How processes share the run may change (it stays the same optimization); FSDP's numerics may not.
+    code, _, err = run_main(capsys, "resume", "runs/r", "distributed.strategy=fsdp", "distributed.mixed_precision=bf16")
+    assert code == 2 and "cannot resume with distributed.mixed_precision='bf16'" in err
+    code, _, _ = run_main(capsys, "resume", "runs/r", "distributed.strategy=fsdp", "stop.epochs=3")
+    assert code == 0 and (tmp_path / "runs/r/checkpoints/last/shards").is_dir()  # sharded from now on
 
 
 def test_recipes_list_and_copy(capsys, tmp_path):

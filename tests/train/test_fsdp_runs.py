@@ -92,11 +92,12 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_with_any_count(tm
     assert abs(s_two["final"]["test_loss"] - s_one["final"]["test_loss"]) < 1e-5
     assert_half_the_state(s_two, s_one)
 
-    # Saved sharded by 2 processes, resumed by 1 (no sharding at all), and the other way round.
+    # Saved sharded by 2 processes, resumed by 1 (no sharding at all); and an ordinary 1-process run
+    # continued fully sharded on 2 (each rank keeps its shards of the full files).
     gradwise(tmp_path, "train", "digits-mlp", "--nproc", "2", "name=two-one", FSDP, "stop.max_steps=50", *MLP)
     gradwise(tmp_path, "resume", str(runs / "two-one"), "stop.max_steps=120")
-    gradwise(tmp_path, "train", "digits-mlp", "name=one-two", FSDP, "stop.max_steps=50", *MLP)
-    gradwise(tmp_path, "resume", str(runs / "one-two"), "--nproc", "2", "stop.max_steps=120")
+    gradwise(tmp_path, "train", "digits-mlp", "name=one-two", "stop.max_steps=50", *MLP)
+    gradwise(tmp_path, "resume", str(runs / "one-two"), "--nproc", "2", FSDP, "stop.max_steps=120")
     for name in ("two-one", "one-two"):
         assert len(train_losses(runs / name)) == 120
         gradwise(tmp_path, "consolidate", str(runs / name), "--checkpoint", "last")

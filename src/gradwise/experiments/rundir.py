@@ -162,7 +162,19 @@ class MetricsLog:
 # Schedules whose shape is stretched over the whole run's length.
 _BUDGET_SCHEDULES = ("linear", "cosine", "polynomial", "wsd", "onecycle")
 # Fields a resumed run may change: the training budget and how it is shown.
-_RESUMABLE_CHANGES = ("stop.epochs", "stop.max_steps", "log.", "name", "out_dir", "description")
+# How the ranks share the run may change (started on one process, continued fully sharded); its numerics may not.
+_RESUMABLE_CHANGES = (
+    "stop.epochs",
+    "stop.max_steps",
+    "log.",
+    "name",
+    "out_dir",
+    "description",
+    "distributed.strategy",
+    "distributed.reshard_after_forward",
+    "distributed.cpu_offload",
+    "distributed.timeout_s",
+)
 
 
 def check_resumable(run_dir: Path, cfg: RunConfig) -> None:

@@ -50,6 +50,7 @@ from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
 from gradwise.train.sharded_checkpoint import (
     is_sharded,
+    load_full_checkpoint_into_sharded,
     load_sharded_checkpoint,
     optimizer_state_dict,
     save_sharded_checkpoint,
@@ -446,10 +447,8 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distribute
         # Weights and optimizer state come from the shards, into this run's layout (any process count).
         state = load_sharded_checkpoint(ckpt, parts.model, parts.optimizer, ctx=ctx)
     elif is_fully_sharded(parts.model):
-        raise CheckpointError(
-            f"{ckpt}: saved by a run without distributed.strategy=fsdp; resume it with the strategy it was "
-            "trained with (distributed.strategy=ddp)"
-        )
+        # A run saved without FSDP that continues with it: every rank keeps its shards of the full files.
+        state = load_full_checkpoint_into_sharded(ckpt, parts.model, parts.optimizer, ctx=ctx)
     else:
         load_weights_into(parts.model, load_model_state(ckpt), ckpt)
         state = load_training_state(ckpt)

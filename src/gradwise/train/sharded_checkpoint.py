@@ -203,6 +203,54 @@ def load_sharded_checkpoint(
     return state
 
 
+def load_full_checkpoint_into_sharded(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, ctx: Distributed
+) -> dict[str, Any]:
+    """Load an ordinary checkpoint (full weights, position-keyed optimizer state) into a fully sharded model.
+
+    What lets a run started without FSDP continue with it. Every rank reads the whole files and keeps its
+    shards. Returns the rest of the training state.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from gradwise.train.checkpoint import load_model_state
+
+    if hasattr(optimizer, "inner_optimizers"):
+        raise CheckpointError(
+            f"{ckpt}: an ordinary checkpoint of a composite optimizer (muon) cannot be resharded; resume it with "
+            "distributed.strategy=ddp"
+        )
+    full = load_model_state(ckpt)
+    own = {key: tuple(value.shape) for key, value in get_model_state_dict(model).items()}
+    if set(own) != set(full) or any(own[key] != tuple(full[key].shape) for key in own):
+        raise CheckpointError(f"{ckpt}: weights do not match the model (names or shapes differ)")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, full, options=options)
+    state = load_training_state(ckpt)
+    saved = state.pop("optimizer")
+    # Positions (torch's optimizer state keys) become parameter names through the same group order.
+    named_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    if [len(g["params"]) for g in named_groups] != [len(g["params"]) for g in saved["param_groups"]]:
+        raise CheckpointError(f"{ckpt}: optimizer state does not match this run's parameter groups")
+    name_of = {
+        position: name
+        for named, group in zip(named_groups, saved["param_groups"], strict=True)
+        for position, name in zip(group["params"], named["params"], strict=True)
+    }
+    by_name = {
+        "state": {name_of[position]: entry for position, entry in saved["state"].items()},
+        "param_groups": [{**group, "params": [name_of[p] for p in group["params"]]} for group in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    return state
+
+
 def _resolve(value: Any, targets: dict[str, torch.Tensor]) -> Any:
     return targets[value[SHARD_REF]] if isinstance(value, dict) and SHARD_REF in value else value
 
