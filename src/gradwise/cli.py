@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file or bundled recipe name")
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     train.add_argument(
-        "--nproc", type=int, default=None, help="data-parallel processes on this machine (launches torchrun)"
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes on this machine (torch's elastic launcher); DDP, or FSDP with distributed.strategy=fsdp",
     )
 
     resume = sub.add_parser(
@@ -57,12 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         description="Continue RUN_DIR from its last checkpoint with its saved config; bit-exact on CPU.\n\n"
         "example:\n  gradwise resume runs/digits-cnn-20261125-120000\n"
-        "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer",
+        "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer\n"
+        "  gradwise resume runs/gpt-python-20261125-120000 --nproc 4 distributed.strategy=fsdp   # scale out",
     )
     resume.add_argument("run_dir", type=Path)
     resume.add_argument("--nproc", type=int, default=None, help="processes to resume with (any number)")
     resume.add_argument(
-        "overrides", nargs="*", metavar="key.path=value", help="only stop.* and log.* may differ from the saved config"
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="only stop.*, log.* and how processes share the run (distributed.strategy, ...) may differ",
     )
 
     ev = sub.add_parser(
