@@ -98,10 +98,29 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_with_any_count(tm
     gradwise(tmp_path, "resume", str(runs / "two-one"), "stop.max_steps=120")
     gradwise(tmp_path, "train", "digits-mlp", "name=one-two", "stop.max_steps=50", *MLP)
     gradwise(tmp_path, "resume", str(runs / "one-two"), "--nproc", "2", FSDP, "stop.max_steps=120")
+    # Rank 0's shard files lost: each tensor's pieces no longer cover it, a one-line error (not garbage).
+    for file in (runs / "two-one" / "checkpoints" / "best" / "shards").glob("shard-00001-*"):
+        file.unlink()
+    failed = subprocess.run(
+        [sys.executable, "-m", "gradwise", "consolidate", str(runs / "two-one"), "--checkpoint", "best"],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2 and "incomplete" in failed.stderr and failed.stderr.count("\n") == 1
     for name in ("two-one", "one-two"):
         assert len(train_losses(runs / name)) == 120
         gradwise(tmp_path, "consolidate", str(runs / name), "--checkpoint", "last")
         assert_same_weights(load_file(str(runs / name / "checkpoints" / "last" / "model.safetensors")), reference)
+
+
+@pytest.mark.slow
+def test_fsdp_accumulation_with_uneven_shares_keeps_the_ranks_in_step(tmp_path: Path):
+    # The epoch's last batch of 9 rows: 5 for rank 0, 4 for rank 1; with 5 micro-batches rank 1 runs an empty one.
+    args = ["batch.accumulate=5", "stop.epochs=1", *MLP]
+    gradwise(tmp_path, "train", "digits-mlp", "name=one", *args)
+    gradwise(tmp_path, "train", "digits-mlp", "--nproc", "2", "name=two", FSDP, "distributed.timeout_s=60", *args)
+    one, two = train_losses(tmp_path / "runs" / "one"), train_losses(tmp_path / "runs" / "two")
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5
 
 
 @pytest.mark.slow

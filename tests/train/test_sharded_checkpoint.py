@@ -77,6 +77,10 @@ def test_a_rank_writes_its_shards_in_files_of_bounded_size(tmp_path: Path, monke
     load_sharded_checkpoint(ckpt, fresh, fresh_optimizer, ctx=Distributed())
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(consolidated_model_state(ckpt)[k], v) for k, v in model.state_dict().items())
+    # A lost file is found from the manifest, never read as uninitialised memory.
+    (ckpt / "shards" / files[0]).unlink()
+    with pytest.raises(CheckpointError, match="a shard file is missing"):
+        consolidated_model_state(ckpt)
 
 
 def test_consolidation_assembles_the_full_weights(tmp_path: Path):

@@ -460,7 +460,7 @@ class DistributedConfig(Section):
     ``fsdp`` shards parameters, gradients and optimizer state over the ranks
     with FSDP2's ``fully_shard`` on every block and at the root, so each rank
     holds about 1/N of the training state (Zhao et al. 2023, "PyTorch FSDP";
-    Rajbhandari et al. 2020, "ZeRO"). ``mixed_precision`` is FSDP's
+    Rajbhandari et al. 2020, "ZeRO"). ``mixed_precision: bf16`` is FSDP's
     parameter/all-gather dtype (gradient reductions stay fp32);
     ``reshard_after_forward: false`` keeps gathered blocks until backward
     (more memory, fewer all-gathers); ``cpu_offload`` keeps the shards in CPU
@@ -469,7 +469,8 @@ class DistributedConfig(Section):
     """
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    mixed_precision: Literal["bf16", "fp16"] | None = None
+    # No fp16: it needs loss scaling (a GradScaler) that FSDP's reduce-scatter path does not get here.
+    mixed_precision: Literal["bf16"] | None = None
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     timeout_s: PositiveInt = 300

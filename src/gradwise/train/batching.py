@@ -127,9 +127,9 @@ class BatchPlan:
         ratio = size / self.reference
         return ratio if self.cfg.lr_scaling == "linear" else math.sqrt(ratio)
 
-    def micro_batches(self, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Split one step's indices into ``accumulate`` near-equal micro-batches."""
-        return torch.tensor_split(indices, min(self.cfg.accumulate, len(indices)))
+    def micro_batches(self, indices: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Split one step's indices into ``accumulate`` near-equal micro-batches (or ``count``, some maybe empty)."""
+        return torch.tensor_split(indices, count if count is not None else min(self.cfg.accumulate, len(indices)))
 
     def total_steps(self, epochs: int | None, max_steps: int | None) -> int:
         """Optimizer steps in the run: ``epochs`` passes or ``max_steps``, whichever ends first."""
@@ -172,4 +172,6 @@ def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor)
     rows = x[indices]
     if lengths is None:
         return rows
+    if len(indices) == 0:  # a rank's empty share of a short batch: no rows, one column
+        return rows[:, :1]
     return rows[:, : int(lengths[indices].max())]

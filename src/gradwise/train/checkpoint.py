@@ -80,7 +80,7 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # --------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +88,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
 
@@ -137,7 +137,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / MODEL_FILE))
-        _fsync_file(tmp / MODEL_FILE)
+        fsync_file(tmp / MODEL_FILE)
         write_state_files(tmp, state)
         move_into_place(tmp, final)
     point_tags(root, name, tags)
@@ -155,7 +155,7 @@ def write_state_files(directory: Path, state: dict[str, Any]) -> None:
     save_file(tensors, str(directory / TENSORS_FILE))
     (directory / STATE_FILE).write_text(json.dumps(meta))
     for file in (TENSORS_FILE, STATE_FILE):
-        _fsync_file(directory / file)
+        fsync_file(directory / file)
 
 
 def move_into_place(tmp: Path, final: Path) -> None:
@@ -163,14 +163,14 @@ def move_into_place(tmp: Path, final: Path) -> None:
     if final.exists():  # a half-written leftover from a killed run: never pointed to by a tag
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def point_tags(root: Path, name: str, tags: list[str]) -> None:
     """Point each tag (``last``, ``best``) at checkpoint ``name`` and delete what no tag points to."""
     for tag in tags:
         _point_link(root / tag, name)
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(root)
 
 

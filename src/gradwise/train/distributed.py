@@ -95,7 +95,10 @@ def current(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Distributed:
     if world <= 1:
         return Distributed()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # On GPUs NCCL carries the CUDA tensors and gloo the small CPU ones (stop flags, metric sums, sizes).
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before NCCL picks a device
         try:
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         except (ValueError, RuntimeError) as exc:
@@ -104,8 +107,6 @@ def current(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Distributed:
                 f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
                 f"{str(exc).splitlines()[0]}"
             ) from None
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
 
 

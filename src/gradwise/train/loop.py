@@ -51,6 +51,7 @@ from gradwise.train.setup import RunParts, build_run
 from gradwise.train.sharded_checkpoint import (
     is_sharded,
     load_full_checkpoint_into_sharded,
+    load_full_weights_into_sharded,
     load_sharded_checkpoint,
     optimizer_state_dict,
     save_sharded_checkpoint,
@@ -211,10 +212,16 @@ def fit(
                 raise
             # A peer died or stopped answering: this rank cannot go on, and has nothing to save that `last` lacks.
             log.sync()
+            if keeper.saved_step >= 0:
+                kept = f"checkpoint 'last' (step {keeper.saved_step}) is kept"
+            elif ctx.is_main:
+                kept = "no checkpoint had been written yet"
+            else:
+                kept = "rank 0's last checkpoint is kept"
             raise TrainingError(
-                f"rank {ctx.rank}: lost contact with the other ranks at step {counters.step + 1} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); another rank died or was stopped; "
-                f"checkpoint 'last' (step {keeper.saved_step}) is kept"
+                f"rank {ctx.rank}: a collective failed at step {counters.step + 1} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); another rank died or stopped "
+                f"answering, or the ranks diverged; {kept}"
             ) from None
         except TrainingError as exc:
             log.sync()
@@ -284,8 +291,10 @@ def _train_step(
     # DDP averages gradients over ranks; each rank's share of the global sum is scaled back up by the world size.
     scale = ctx.world
     local = ctx.shard(indices)
-    # A rank with no rows (a batch smaller than the world) still runs an empty forward to join the all-reduce.
-    chunks = list(parts.plan.micro_batches(local)) if len(local) else [local]
+    # Every rank runs as many micro-batches as the rank with the most rows: under FSDP every forward and
+    # backward is a collective. A rank that runs short (or has no rows at all) joins with empty ones.
+    count = min(cfg.batch.accumulate, math.ceil(n / ctx.world)) if ctx.active else None
+    chunks = parts.plan.micro_batches(local, count)
     for i, chunk in enumerate(chunks):
         # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimizer step, with the last micro-batch.
         with gradient_sync(net, enabled=not ctx.active or i == len(chunks) - 1):
@@ -494,6 +503,8 @@ def _finish(
         best = resolve_checkpoint(run_dir, "best")
         if is_sharded(best):
             load_sharded_checkpoint(best, parts.model, None, ctx=ctx)
+        elif is_fully_sharded(parts.model):  # a best from before the run continued with FSDP
+            load_full_weights_into_sharded(best, parts.model)
         else:
             load_weights_into(parts.model, load_model_state(best), best)
         weights = "best"

@@ -25,6 +25,7 @@ and export).
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -45,6 +46,7 @@ from gradwise.train.checkpoint import (
 from gradwise.train.distributed import Distributed
 
 SHARDS_DIR = "shards"
+MANIFEST_FILE = "shards.json"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 SHARD_REF = "__shard__"
@@ -104,11 +106,28 @@ def save_sharded_checkpoint(
             dcp.save(shards, storage_writer=writer, no_dist=not ctx.active)  # returns once every rank has written
         if ctx.is_main:
             write_state_files(tmp, rest)
+            _write_manifest(tmp, shards)
             move_into_place(tmp, final)
     if ctx.is_main:
         point_tags(root, name, tags)
     ctx.barrier()  # nobody reads `last`/`best` before the links point at complete files
     return final
+
+
+def _write_manifest(directory: Path, shards: dict[str, torch.Tensor]) -> None:
+    """The full shape of every stored tensor, so that a missing shard file is found, not read as garbage.
+
+    The shard files alone cannot tell: their headers give each piece's offset, and a tensor whose first
+    rank's file is gone still looks whole-sized from the last rank's piece.
+    """
+    import json
+    import os
+
+    manifest = {"tensors": {key: list(tensor.shape) for key, tensor in shards.items()}}
+    with open(directory / MANIFEST_FILE, "w") as handle:
+        handle.write(json.dumps(manifest))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _file_plan(shards: dict[str, torch.Tensor], world: int) -> dict[str, int]:
@@ -213,25 +232,16 @@ def load_full_checkpoint_into_sharded(
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
         get_optimizer_state_dict,
-        set_model_state_dict,
         set_optimizer_state_dict,
     )
-
-    from gradwise.train.checkpoint import load_model_state
 
     if hasattr(optimizer, "inner_optimizers"):
         raise CheckpointError(
             f"{ckpt}: an ordinary checkpoint of a composite optimizer (muon) cannot be resharded; resume it with "
             "distributed.strategy=ddp"
         )
-    full = load_model_state(ckpt)
-    own = {key: tuple(value.shape) for key, value in get_model_state_dict(model).items()}
-    if set(own) != set(full) or any(own[key] != tuple(full[key].shape) for key in own):
-        raise CheckpointError(f"{ckpt}: weights do not match the model (names or shapes differ)")
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, full, options=options)
+    load_full_weights_into_sharded(ckpt, model)
     state = load_training_state(ckpt)
     saved = state.pop("optimizer")
     # Positions (torch's optimizer state keys) become parameter names through the same group order.
@@ -247,8 +257,21 @@ def load_full_checkpoint_into_sharded(
         "state": {name_of[position]: entry for position, entry in saved["state"].items()},
         "param_groups": [{**group, "params": [name_of[p] for p in group["params"]]} for group in saved["param_groups"]],
     }
-    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
     return state
+
+
+def load_full_weights_into_sharded(ckpt: Path, model: nn.Module) -> None:
+    """Load an ordinary checkpoint's full weights into a fully sharded model (each rank keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from gradwise.train.checkpoint import load_model_state
+
+    full = load_model_state(ckpt)
+    own = {key: tuple(value.shape) for key, value in get_model_state_dict(model).items()}
+    if set(own) != set(full) or any(own[key] != tuple(full[key].shape) for key in own):
+        raise CheckpointError(f"{ckpt}: weights do not match the model (names or shapes differ)")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
 
 
 def _resolve(value: Any, targets: dict[str, torch.Tensor]) -> Any:
@@ -292,7 +315,29 @@ def _stored_tensors(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
         metadata = HuggingFaceStorageReader(str(shards)).read_metadata()
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{shards}: corrupt shard file ({type(exc).__name__}: {exc})") from None
-    return {key: (meta.size, meta.properties.dtype) for key, meta in metadata.state_dict_metadata.items()}
+    stored = metadata.state_dict_metadata
+    for key, meta in stored.items():
+        pieces = sum(math.prod(chunk.sizes) for chunk in meta.chunks)
+        if pieces != math.prod(meta.size):
+            raise CheckpointError(f"{shards}: {key} is incomplete ({pieces} of {math.prod(meta.size)} values stored)")
+    manifest = _read_manifest(ckpt)
+    if manifest is not None:
+        for key, shape in manifest.items():
+            if key not in stored or list(stored[key].size) != shape:
+                raise CheckpointError(f"{shards}: {key} is missing or incomplete; a shard file is missing")
+    return {key: (meta.size, meta.properties.dtype) for key, meta in stored.items()}
+
+
+def _read_manifest(ckpt: Path) -> dict[str, list[int]] | None:
+    import json
+
+    file = ckpt / MANIFEST_FILE
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text())["tensors"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
 
 
 def consolidated_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -314,7 +359,7 @@ def consolidate(ckpt: Path, out: Path | None = None) -> Path:
 
     from safetensors.torch import save_file
 
-    from gradwise.train.checkpoint import MODEL_FILE
+    from gradwise.train.checkpoint import MODEL_FILE, fsync_dir, fsync_file
 
     if not is_sharded(ckpt):
         raise CheckpointError(f"{ckpt}: not a sharded checkpoint (no {SHARDS_DIR}/ directory); nothing to consolidate")
@@ -322,5 +367,7 @@ def consolidate(ckpt: Path, out: Path | None = None) -> Path:
     weights = consolidated_model_state(ckpt)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     save_file({key: value.contiguous() for key, value in weights.items()}, str(tmp))
+    fsync_file(tmp)  # eval prefers this file to the shards: it must never be torn
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     return target

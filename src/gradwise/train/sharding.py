@@ -25,7 +25,7 @@ from torch import nn
 from gradwise.config import DistributedConfig
 from gradwise.errors import ConfigError
 
-MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
