@@ -110,6 +110,14 @@ def current(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Distributed:
     return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
 
 
+def lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another rank went away (gloo reports it as a plain RuntimeError)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("gloo", "NCCL", "c10d", "Connection reset by peer", "Connection closed by peer")
+    )
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a distributed command)."""
     if dist.is_initialized():

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradwise.config import RunConfig
-from gradwise.errors import CheckpointError, ConfigError, GradwiseWarning, TrainingError
+from gradwise.errors import CheckpointError, TrainingError
 from gradwise.experiments.export import record_data
 from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
@@ -56,7 +55,7 @@ from gradwise.train.sharded_checkpoint import (
     optimizer_state_dict,
     save_sharded_checkpoint,
 )
-from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes
+from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes, wrap_for_ranks
 
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
 STOP_CHECK_STEPS = 16
@@ -145,7 +144,7 @@ def fit(
         if ctx.is_main or sharded
         else _Silent()
     )
-    net = _data_parallel(parts, ctx)
+    net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=parts.unfreezer is not None)
     keeper.saved_step = counters.step if resume else -1
     dtype = parameter_dtype(cfg.precision)
     x_train = to_device(parts.data.train.x, parts.device, dtype)
@@ -208,7 +207,7 @@ def fit(
                     break
             keeper.save(counters.step)
         except RuntimeError as exc:
-            if not (ctx.active and _lost_a_peer(exc)):
+            if not (ctx.active and distributed.lost_a_peer(exc)):
                 raise
             # A peer died or stopped answering: this rank cannot go on, and has nothing to save that `last` lacks.
             log.sync()
@@ -325,45 +324,6 @@ def _train_step(
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
     result = StepResult(loss=loss_sum / scale, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
-
-
-def _data_parallel(parts: RunParts, ctx: distributed.Distributed) -> nn.Module:
-    """The model wrapped in DistributedDataParallel when this is one rank of several; else the model.
-
-    A fully sharded model (``distributed.strategy: fsdp``, sharded by ``build_run``) is its own wrapper.
-    """
-    model = parts.model
-    if not ctx.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    if parts.unfreezer is not None:
-        raise ConfigError(
-            "finetune.unfreeze_every_epochs cannot run data-parallel: DDP fixes the trainable parameters when it "
-            "wraps the model, so layers unfrozen later would never be synchronised; use one process"
-        )
-    device = next(model.parameters()).device
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        if device.type == "cuda" and not is_fully_sharded(model):
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch, as on 1 GPU
-        else:
-            warnings.warn(
-                "model.norm=batch under data parallel on CPU: each rank normalises with its own part of the batch "
-                "(SyncBatchNorm needs CUDA), so the run is close to, not equal to, a single-process run",
-                GradwiseWarning,
-                stacklevel=2,
-            )
-    if is_fully_sharded(model):
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _lost_a_peer(exc: RuntimeError) -> bool:
-    """Whether a collective failed because another rank went away (gloo reports it as a plain RuntimeError)."""
-    text = str(exc)
-    return isinstance(exc, dist.DistError) or any(
-        mark in text for mark in ("gloo", "NCCL", "c10d", "Connection reset by peer", "Connection closed by peer")
-    )
 
 
 class _Silent:

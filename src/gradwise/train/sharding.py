@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 from gradwise.config import DistributedConfig
-from gradwise.errors import ConfigError
+from gradwise.errors import ConfigError, GradwiseWarning
+from gradwise.train.distributed import Distributed
 
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16}
 
@@ -115,3 +117,34 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
                 module.reshard()
     optimizer_tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return {"parameters": local_bytes(list(model.parameters())), "optimizer": local_bytes(optimizer_tensors)}
+
+
+def wrap_for_ranks(model: nn.Module, ctx: Distributed, *, gradual_unfreezing: bool = False) -> nn.Module:
+    """The module the forward passes go through: DistributedDataParallel around ``model`` on several ranks.
+
+    A fully sharded model (``distributed.strategy: fsdp``, sharded by ``build_run``) is its own wrapper;
+    one process uses the model itself.
+    """
+    if not ctx.active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if gradual_unfreezing:
+        raise ConfigError(
+            "finetune.unfreeze_every_epochs cannot run data-parallel: DDP fixes the trainable parameters when it "
+            "wraps the model, so layers unfrozen later would never be synchronised; use one process"
+        )
+    device = next(model.parameters()).device
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda" and not is_fully_sharded(model):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch, as on 1 GPU
+        else:
+            warnings.warn(
+                "model.norm=batch under data parallel on CPU: each rank normalises with its own part of the batch "
+                "(SyncBatchNorm needs CUDA), so the run is close to, not equal to, a single-process run",
+                GradwiseWarning,
+                stacklevel=3,
+            )
+    if is_fully_sharded(model):
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
