@@ -50,19 +50,18 @@ class Distributed:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``tensor`` over all ranks (returned on every rank)."""
-        if not self.active:
-            return tensor
-        total = tensor.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise maximum of ``tensor`` over all ranks (returned on every rank)."""
+        return self._reduce(tensor, dist.ReduceOp.MAX)
+
+    def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
         if not self.active:
             return tensor
-        largest = tensor.detach().clone()
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-        return largest
+        reduced = tensor.detach().clone()
+        dist.all_reduce(reduced, op=op)
+        return reduced
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on at least one (stop decisions must agree)."""
