@@ -39,7 +39,7 @@ def source_run(runs: Path, recipe: str) -> Path:
     """The newest finished run of ``recipe`` under ``runs``, trained now if there is none."""
     from gradwise.config import load_config
     from gradwise.experiments.recipes import find_recipe
-    from gradwise.experiments.rundir import new_run_dir
+    from gradwise.store.rundir import new_run_dir
     from gradwise.train.loop import fit
 
     finished = sorted(p.parent for p in runs.glob(f"{recipe}-*/summary.json"))

@@ -186,9 +186,9 @@ def adamw_kind(optimizer: torch.optim.Optimizer) -> str:
 
 
 def run_gradwise(args: argparse.Namespace, cfg: RunConfig, workdir: Path) -> dict[str, Any]:
-    from gradwise.experiments.rundir import read_metrics
     from gradwise.optim import build_optimizer
-    from gradwise.train.checkpoint import load_model_state, load_weights_into, resolve_checkpoint
+    from gradwise.store.checkpoint import load_model_state, load_weights_into, resolve_checkpoint
+    from gradwise.store.rundir import read_metrics
     from gradwise.train.evaluate import evaluate
     from gradwise.train.loop import fit
     from gradwise.train.setup import build_model_and_data

@@ -28,7 +28,7 @@ import torch
 from gradwise.config import validate
 from gradwise.data import load_dataset
 from gradwise.models import build_model
-from gradwise.train.checkpoint import load_model_state
+from gradwise.store.checkpoint import load_model_state
 from gradwise.train.distributed import Distributed
 from gradwise.train.loop import fit
 from gradwise.train.rng import seed_everything

@@ -15,7 +15,7 @@ import torch
 
 from gradwise.cli import build_parser, main
 from gradwise.experiments.recipes import list_recipes
-from gradwise.train.checkpoint import load_model_state
+from gradwise.store.checkpoint import load_model_state
 
 QUICK = ["data.limit=300", "stop.epochs=1", "log.progress=false", "log.plots=false"]
 
@@ -103,7 +103,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(capsys, tmp_path, monkeypatch):
     best = tmp_path / "runs" / "r" / "checkpoints" / "best"
     (best / "model.safetensors").write_bytes(b"truncated")
     code, _, err = run_main(capsys, "eval", "runs/r")
-    assert code == 2 and "model.safetensors: corrupt" in err and err.count("\n") == 1
+    assert code == 2 and "model.safetensors: 9 bytes, the manifest says" in err and err.count("\n") == 1
 
 
 def test_resume_refuses_a_changed_optimization(capsys, tmp_path, monkeypatch):

@@ -307,8 +307,8 @@ def _train(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
     from gradwise.errors import ConfigError
     from gradwise.experiments.recipes import COMPRESS_PREFIX, find_recipe
-    from gradwise.experiments.rundir import check_resumable, new_run_dir
     from gradwise.experiments.variants import run_variants
+    from gradwise.store.rundir import check_resumable, new_run_dir
     from gradwise.train.loop import fit
 
     if args.nproc is not None:
@@ -336,8 +336,16 @@ def _train(args: argparse.Namespace) -> int:
         # Every rank trains into the directory rank 0 named (timestamps differ between processes).
         run_dir = ctx.broadcast(new_run_dir(cfg, recipe.stem) if ctx.is_main else None)
         summary = fit(cfg, run_dir)
+    _plot(run_dir, cfg.log.plots and ctx.is_main)
     _leave(ctx)
     return _report_run(run_dir, summary) if ctx.is_main else 0
+
+
+def _plot(run_dir: Path, enabled: bool) -> None:
+    if enabled:
+        from gradwise.report.plots import plot_finished_run  # matplotlib loads only when plotting
+
+        plot_finished_run(run_dir)
 
 
 def _leave(ctx: Any) -> None:
@@ -359,7 +367,7 @@ def _launch(nproc: int, command: list[str]) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
     from gradwise.errors import CheckpointError
-    from gradwise.experiments.rundir import CONFIG_FILE, check_resumable
+    from gradwise.store.rundir import CONFIG_FILE, check_resumable
     from gradwise.train.loop import fit
 
     saved = args.run_dir / CONFIG_FILE
@@ -373,6 +381,7 @@ def _resume(args: argparse.Namespace) -> int:
 
     ctx = distributed.current(cfg.distributed.timeout_s)
     summary = fit(cfg, args.run_dir, resume=True)
+    _plot(args.run_dir, cfg.log.plots and ctx.is_main)
     _leave(ctx)
     return _report_run(args.run_dir, summary) if ctx.is_main else 0
 
@@ -411,8 +420,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _consolidate(args: argparse.Namespace) -> int:
     from gradwise.errors import ConfigError
-    from gradwise.train.checkpoint import resolve_checkpoint
-    from gradwise.train.sharded_checkpoint import consolidate
+    from gradwise.store.checkpoint import resolve_checkpoint
+    from gradwise.store.sharded import consolidate
 
     if args.out is not None and args.checkpoint == "all":
         raise ConfigError("consolidate: -o names one file; choose --checkpoint best or --checkpoint last")
@@ -425,9 +434,10 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from gradwise.compress.runs import load_run_model
     from gradwise.errors import ConfigError
-    from gradwise.experiments.export import TOKENIZER_DIR, load_run_model
     from gradwise.generate import generate
+    from gradwise.store.records import TOKENIZER_DIR
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("generate: --max-new-tokens must be ≥ 1 and --temperature ≥ 0")

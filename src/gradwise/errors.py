@@ -25,6 +25,13 @@ class CheckpointError(GradwiseError):
     """A run directory or checkpoint is missing, corrupt or does not match."""
 
 
+class StorageError(GradwiseError):
+    """The machine could not read or write a file (no space, permission, not a directory, not UTF-8).
+
+    The message names the path and what the operating system said.
+    """
+
+
 class TrainingError(GradwiseError):
     """Training cannot go on (e.g. the loss became NaN); the message says where."""
 

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradwise.compress.distill import DistillationTask, HeadInputs, attach_teacher, teacher_outputs
+from gradwise.compress.runs import load_run_model
 from gradwise.config import validate
 from gradwise.data.types import Split
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.experiments.export import load_run_model
 from gradwise.models import MLP
+from gradwise.store.checkpoint import load_model_state
 from gradwise.tasks import ClassificationTask
 from gradwise.train.batching import gather
-from gradwise.train.checkpoint import load_model_state
 from gradwise.train.loop import fit
 from gradwise.train.setup import build_model_and_data, build_run
 

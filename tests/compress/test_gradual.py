@@ -13,7 +13,7 @@ from gradwise.compress.gradual import GradualPruner
 from gradwise.compress.prune import prunable_weights
 from gradwise.config import PruneConfig, validate
 from gradwise.models.mlp import MLP
-from gradwise.train.checkpoint import load_model_state, load_training_state
+from gradwise.store.checkpoint import load_model_state, load_training_state
 from gradwise.train.loop import fit
 
 N_WEIGHTS = 64 * 32 + 32 * 16 + 16 * 10  # 2720

@@ -14,9 +14,9 @@ from torch import nn
 from gradwise.compress.measure import count_weights
 from gradwise.compress.onnx_runtime import OnnxModule, export_onnx, quantize_onnx
 from gradwise.compress.quantize import QuantizeSpec, restore_quantized, write_quantized
+from gradwise.compress.runs import load_run_model
 from gradwise.config import validate
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.experiments.export import load_run_model
 from gradwise.train.evaluate import evaluate
 from gradwise.train.loop import fit
 

@@ -13,10 +13,10 @@ from gradwise.cli import main
 from gradwise.compress.compare import measure_all, write_comparison
 from gradwise.compress.pipeline import compress_run, source_budget
 from gradwise.compress.recipe import CompressRecipe, load_compress_recipe
+from gradwise.compress.runs import load_run_model
 from gradwise.config import validate
 from gradwise.errors import ConfigError
 from gradwise.experiments.evaluation import evaluate_run
-from gradwise.experiments.export import load_run_model
 from gradwise.train.loop import fit
 
 SOURCE = {

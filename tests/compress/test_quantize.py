@@ -19,10 +19,10 @@ from gradwise.compress.quantize import (
     restore_quantized,
     write_quantized,
 )
+from gradwise.compress.runs import load_run_model
 from gradwise.config import validate
 from gradwise.config.schema import QATConfig
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.experiments.export import load_run_model
 from gradwise.train.evaluate import evaluate
 from gradwise.train.loop import fit
 

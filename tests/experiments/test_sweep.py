@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from gradwise.config import read_yaml, validate
 from gradwise.errors import ConfigError
-from gradwise.experiments.rundir import read_summary
 from gradwise.experiments.sweep import run_sweep
+from gradwise.store.rundir import read_summary
 from gradwise.train.loop import fit
 
 # digits-mlp made small: ~0.5 s a trial. Its default LR is made weak so that a search has room to win.

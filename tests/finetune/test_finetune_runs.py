@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
 from gradwise.cli import main
+from gradwise.compress.runs import load_run_model
 from gradwise.config import read_yaml, validate
-from gradwise.experiments.export import load_run_model
 from gradwise.experiments.recipes import find_recipe
 from gradwise.models.hf_encoder import bundled_minilm_dir
-from gradwise.train.checkpoint import load_model_state
+from gradwise.store.checkpoint import load_model_state
 from gradwise.train.loop import fit
 
 QUICK = {"log": {"progress": False, "plots": False}}

@@ -11,7 +11,7 @@ from gradwise.errors import CheckpointError
 from gradwise.finetune import apply_lora, load_from_run
 from gradwise.models import MLP
 from gradwise.models.hf_encoder import build_hf_encoder
-from gradwise.train.checkpoint import save_checkpoint
+from gradwise.store.checkpoint import save_checkpoint
 
 
 def fake_run(tmp_path, model: nn.Module, tags: tuple[str, ...] = ("last", "best")):
@@ -28,7 +28,7 @@ def test_digits_mlp_body_moves_to_a_new_three_class_task(tmp_path):
     target = MLP(64, [32, 16], 3)
     fresh_head = target.head.weight.detach().clone()
     report = load_from_run(target, run)
-    assert report.source == run / "checkpoints" / "best" / "model.safetensors"
+    assert report.source == (run / "checkpoints" / "best").resolve() / "model.safetensors"
     assert report.loaded == ["body.0.linear.weight", "body.0.linear.bias", "body.1.linear.weight", "body.1.linear.bias"]
     assert report.skipped_head == ["head.weight", "head.bias"]
     assert report.missing == [] and report.unexpected == []
@@ -71,7 +71,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path):
 
 def test_falls_back_to_last_and_refuses_missing_runs(tmp_path):
     run = fake_run(tmp_path, MLP(8, [4], 2), tags=("last",))
-    assert load_from_run(MLP(8, [4], 2), run).source.parent.name == "last"
+    assert load_from_run(MLP(8, [4], 2), run).source.parent == (run / "checkpoints" / "last").resolve()
     with pytest.raises(CheckpointError, match="not a run directory"):
         load_from_run(MLP(8, [4], 2), tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="no weight fits"):

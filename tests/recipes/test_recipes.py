@@ -10,7 +10,7 @@ import pytest
 from gradwise.config import read_yaml, validate
 from gradwise.experiments.recipes import list_recipes
 from gradwise.experiments.variants import run_variants, variant_configs
-from gradwise.train.checkpoint import load_model_state
+from gradwise.store.checkpoint import load_model_state
 from gradwise.train.loop import fit
 
 RECIPES = {recipe.name: recipe.path for recipe in list_recipes() if recipe.command == "train"}

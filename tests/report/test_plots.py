@@ -11,7 +11,6 @@ import pytest
 from matplotlib.image import imread
 
 from gradwise.errors import CheckpointError
-from gradwise.experiments.rundir import read_metrics
 from gradwise.report.plots import (
     _comparison_figure,
     _confusion_figure,
@@ -22,6 +21,7 @@ from gradwise.report.plots import (
     write_comparison_plot,
     write_run_plots,
 )
+from gradwise.store.rundir import read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 200

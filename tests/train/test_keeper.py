@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gradwise.config import CheckpointConfig
-from gradwise.train.checkpoint import load_model_state, load_training_state
+from gradwise.store.checkpoint import load_model_state, load_training_state
 from gradwise.train.keeper import CheckpointKeeper
 
 

@@ -11,7 +11,7 @@ import torch
 from gradwise.cli import main
 from gradwise.config import validate
 from gradwise.data.corpus import unigram_perplexity
-from gradwise.train.checkpoint import load_model_state
+from gradwise.store.checkpoint import load_model_state
 from gradwise.train.loop import fit
 from gradwise.train.setup import build_model_and_data
 

@@ -12,7 +12,7 @@ import torch
 from gradwise.config import validate
 from gradwise.errors import TrainingError
 from gradwise.optim.schedules import schedule_multiplier
-from gradwise.train.checkpoint import load_model_state, load_training_state
+from gradwise.store.checkpoint import load_model_state, load_training_state
 from gradwise.train.loop import fit
 
 

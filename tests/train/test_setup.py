@@ -45,7 +45,7 @@ def test_a_run_on_shared_data_matches_one_on_freshly_loaded_data(tmp_path: Path)
     fit(cfg, tmp_path / "a")
     assert len(setup._DATA_CACHE) == 1
     fit(cfg, tmp_path / "b")
-    from gradwise.train.checkpoint import load_model_state
+    from gradwise.store.checkpoint import load_model_state
 
     a, b = (load_model_state(tmp_path / r / "checkpoints" / "last") for r in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)

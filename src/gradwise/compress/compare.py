@@ -16,9 +16,10 @@ from typing import Any
 from gradwise.compress.measure import MeasureSettings, measure
 from gradwise.compress.pipeline import COMPRESSED_DIR, Budget, VariantResult
 from gradwise.compress.recipe import MeasureConfig
-from gradwise.compress.variant import read_compression, weight_files, write_compression
-from gradwise.experiments.export import load_run_model
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.compress.runs import load_run_model
+from gradwise.compress.variant import weight_files
+from gradwise.store.files import atomic_write_text
+from gradwise.store.records import read_compression, write_compression
 
 BASELINE = "baseline"
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradwise.compress.runs import load_run_model, read_data_info
 from gradwise.config import DistillConfig, RunConfig
 from gradwise.data.types import DataInfo, Dataset, Split
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.experiments.export import load_run_model, read_data_info
 from gradwise.tasks import MetricMeter, Task
 from gradwise.train.batching import gather
 from gradwise.train.device import autocast, parameter_dtype

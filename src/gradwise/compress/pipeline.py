@@ -25,16 +25,12 @@ import torch
 from torch import nn
 
 from gradwise.compress.recipe import CompressRecipe, Step
-from gradwise.compress.variant import (
-    finish_model_run,
-    read_compression,
-    start_model_run,
-    write_compression,
-)
+from gradwise.compress.runs import load_run_model
+from gradwise.compress.variant import finish_model_run, start_model_run
 from gradwise.config import RunConfig, deep_copy, monitor_mode, set_path, validate
 from gradwise.errors import CheckpointError, ConfigError
-from gradwise.experiments.export import load_run_model
-from gradwise.experiments.rundir import CONFIG_FILE, read_summary
+from gradwise.store.records import read_compression, write_compression
+from gradwise.store.rundir import CONFIG_FILE, read_summary
 from gradwise.train.batching import gather
 from gradwise.train.loop import fit
 
@@ -101,8 +97,8 @@ def compress_run(
 
 def _consolidate_source(run_dir: Path) -> None:
     """Give a source trained with FSDP its single best weights file, which is measured as the model on disk."""
-    from gradwise.train.checkpoint import MODEL_FILE, resolve_checkpoint
-    from gradwise.train.sharded_checkpoint import consolidate, is_sharded
+    from gradwise.store.checkpoint import MODEL_FILE, resolve_checkpoint
+    from gradwise.store.sharded import consolidate, is_sharded
 
     best = resolve_checkpoint(run_dir, "best")
     if is_sharded(best) and not (best / MODEL_FILE).exists():
@@ -346,4 +342,8 @@ def _train(raw: dict[str, Any], step: Step, out: Path, name: str, *, init_from: 
     cfg = validate(raw, source=f"compress step {name} (train: overrides)")
     out.mkdir(parents=True, exist_ok=True)
     fit(cfg, out)
+    if cfg.log.plots:
+        from gradwise.report.plots import plot_finished_run  # matplotlib loads only when plotting
+
+        plot_finished_run(out)
     return cfg

@@ -27,6 +27,7 @@ from torch import nn
 
 from gradwise.config.schema import QATConfig
 from gradwise.errors import CheckpointError, ConfigError
+from gradwise.store.records import compressed_weight_file
 
 QUANTIZED_FILE = "quantized.safetensors"
 ONNX_FILE = "model.onnx"
@@ -263,7 +264,7 @@ def restore_quantized(run_dir: Path, model_fp32: nn.Module, record: dict[str, An
     Raises:
         CheckpointError: the file is missing, corrupt, or does not match the model.
     """
-    file = Path(run_dir) / str(record.get("file", ""))
+    file = compressed_weight_file(Path(run_dir), record)  # a path read from a run file: confined to the run
     if not file.is_file():
         raise CheckpointError(f"{file}: quantized model file is missing")
     if record.get("backend") == "onnxruntime":

@@ -11,8 +11,8 @@ and the next step read it like any run.
 
 from __future__ import annotations
 
-import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +20,19 @@ from torch import nn
 
 from gradwise.config import RunConfig
 from gradwise.data import Dataset
-from gradwise.errors import CheckpointError
-from gradwise.experiments.export import TOKENIZER_DIR, record_data
-from gradwise.experiments.rundir import write_config, write_summary
 from gradwise.models import count_parameters
+from gradwise.store.checkpoint import MODEL_FILE, save_checkpoint
+from gradwise.store.records import (
+    TOKENIZER_DIR,
+    compressed_weight_file,
+    copy_tree_into,
+    read_compression,
+    write_compression,
+    write_data_record,
+)
+from gradwise.store.rundir import write_config, write_summary
 from gradwise.tasks import Task
-from gradwise.train.checkpoint import MODEL_FILE, atomic_write_text, save_checkpoint
 from gradwise.train.evaluate import evaluate
-
-COMPRESSION_FILE = "compression.json"
-
-
-def read_compression(run_dir: Path) -> dict[str, Any]:
-    """The compression record of a variant (empty for an ordinary run)."""
-    file = run_dir / COMPRESSION_FILE
-    if not file.exists():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: corrupt ({exc})") from None
-
-
-def write_compression(run_dir: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / COMPRESSION_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def evaluate_splits(model: nn.Module, task: Task, data: Dataset, cfg: RunConfig, device: Any) -> dict[str, float]:
@@ -60,9 +49,9 @@ def start_model_run(run_dir: Path, cfg: RunConfig, state: dict[str, Any], data: 
         shutil.rmtree(run_dir)  # a half-written variant of an earlier, interrupted compress
     run_dir.mkdir(parents=True)
     write_config(run_dir, cfg)
-    record_data(data.info, run_dir)
-    if (source / TOKENIZER_DIR).is_dir() and not (run_dir / TOKENIZER_DIR).exists():
-        shutil.copytree(source / TOKENIZER_DIR, run_dir / TOKENIZER_DIR)
+    write_data_record(run_dir, asdict(data.info))
+    if not (run_dir / TOKENIZER_DIR).exists():
+        copy_tree_into(source / TOKENIZER_DIR, run_dir / TOKENIZER_DIR)
     save_checkpoint(run_dir / "checkpoints", 0, state, {}, ["best"], weights_only=True)
 
 
@@ -100,5 +89,5 @@ def weight_files(run_dir: Path) -> list[Path]:
     """The files that hold a variant's weights as deployed: the quantized file, else the best checkpoint."""
     quantization = read_compression(run_dir).get("quantization")
     if quantization:
-        return [run_dir / quantization["file"]]
+        return [compressed_weight_file(run_dir, quantization)]
     return [run_dir / "checkpoints" / "best" / MODEL_FILE]

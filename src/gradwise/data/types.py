@@ -48,6 +48,18 @@ class DataInfo:
     pad_token_id: int | None = None
     tokenizer_dir: str | None = None
 
+    @classmethod
+    def from_record(cls, raw: dict, source: str) -> DataInfo:
+        """Rebuild from the JSON mapping a run directory records (``data_info.json``), naming ``source`` on error."""
+        from gradwise.errors import CheckpointError
+
+        try:
+            if raw.get("image_shape") is not None:
+                raw = {**raw, "image_shape": tuple(raw["image_shape"])}
+            return cls(**raw)
+        except TypeError as exc:
+            raise CheckpointError(f"{source}: corrupt ({exc})") from None
+
 
 @dataclass(frozen=True)
 class Split:

@@ -357,7 +357,7 @@ def _probe_main() -> None:
     """Child: read {config, run_dir, limit_mb} on stdin, train, print one JSON line on stdout."""
     request = json.loads(sys.stdin.read())
     answer_to, sys.stdout = sys.stdout, sys.stderr  # only the answer goes to stdout
-    from gradwise.experiments.rundir import read_metrics, read_summary
+    from gradwise.store.rundir import read_metrics, read_summary
     from gradwise.train.loop import fit
 
     cfg = validate(yaml.safe_load(request["config"]), source="batch_find probe")

@@ -25,8 +25,9 @@ import numpy as np
 from gradwise.config import RunConfig, apply_overrides, deep_copy, read_yaml, set_path, validate
 from gradwise.errors import ConfigError, TrainingError
 from gradwise.experiments.recipes import find_recipe
-from gradwise.experiments.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.experiments.variants import plot_finished_run
+from gradwise.store.files import atomic_write_text
+from gradwise.store.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
 from gradwise.train.loop import fit
 
 # A difference whose Welch p-value is at least this is reported as within seed noise.
@@ -204,7 +205,9 @@ def run_or_read(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if not resume and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()  # killed before its first checkpoint: nothing to resume from
     try:
-        return fit(cfg, run_dir, resume=resume)
+        summary = fit(cfg, run_dir, resume=resume)
+        plot_finished_run(run_dir, cfg.log.plots)
+        return summary
     except TrainingError:
         return read_summary(run_dir)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gradwise.compress.runs import load_run_model
 from gradwise.errors import CheckpointError
-from gradwise.experiments.export import load_run_model
 from gradwise.train.evaluate import Evaluation, evaluate
 
 

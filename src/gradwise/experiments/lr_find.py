@@ -24,8 +24,8 @@ import numpy as np
 
 from gradwise.config import RunConfig, apply_overrides, read_yaml, set_path, validate
 from gradwise.errors import ConfigError, TrainingError
-from gradwise.experiments.rundir import METRICS_FILE, read_metrics
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.store.files import atomic_write_text
+from gradwise.store.rundir import METRICS_FILE, read_metrics
 from gradwise.train.loop import FitHooks, fit
 
 # fastai's smoothing factor and divergence threshold (LRFinder: stop when smoothed loss > 4 x best).

@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from gradwise.experiments.space import Space
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.store.files import atomic_write_text
 
 if TYPE_CHECKING:
     from gradwise.experiments.sweep import _Plan

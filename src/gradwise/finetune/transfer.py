@@ -11,8 +11,8 @@ import yaml
 from torch import nn
 
 from gradwise.errors import CheckpointError
-from gradwise.experiments.rundir import CONFIG_FILE
-from gradwise.train.checkpoint import MODEL_FILE, load_model_state, resolve_checkpoint
+from gradwise.store.checkpoint import MODEL_FILE, load_model_state, resolve_checkpoint
+from gradwise.store.rundir import CONFIG_FILE
 
 HEAD_PREFIX = "head."
 

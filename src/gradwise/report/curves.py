@@ -15,7 +15,6 @@ import numpy as np
 from matplotlib.axes import Axes
 
 from gradwise.config import monitor_mode
-from gradwise.experiments.rundir import read_metrics
 from gradwise.report.plots import (
     _STEP,
     _ema,
@@ -28,6 +27,7 @@ from gradwise.report.plots import (
     _series,
     _spans_decades,
 )
+from gradwise.store.rundir import read_metrics
 
 # Enough points to draw a smooth band without a 100k-step run making a huge figure.
 _MAX_POINTS = 400

@@ -28,7 +28,7 @@ import yaml
 from gradwise.config import monitor_mode
 from gradwise.errors import ConfigError
 from gradwise.report.tables import _STATUS_CLASS, _e, _fmt, json_table, markdown_to_html
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.store.files import atomic_write_text
 
 _RUN_PLOTS = {
     "loss.png": "Loss: training (raw and smoothed) and evaluation splits",

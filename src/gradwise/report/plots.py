@@ -12,6 +12,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradwise.config import monitor_mode
-from gradwise.experiments.rundir import read_metrics
+from gradwise.store.rundir import read_metrics
 
 DPI = 110
 _STEP = "optimizer step"
@@ -37,6 +38,19 @@ _METRIC_LABELS = {
     "r2": "R² (1 = perfect)",
     "perplexity": "perplexity (tokens)",
 }
+
+
+def plot_finished_run(run_dir: Path, enabled: bool = True) -> None:
+    """Draw a finished run's plots when its config asks (``log.plots``); a plotting bug only warns.
+
+    The loop does not plot (the training layer knows nothing of reports): whoever ran ``fit`` calls this.
+    """
+    if not enabled or not (Path(run_dir) / "summary.json").exists():
+        return
+    try:
+        write_run_plots(run_dir)
+    except Exception as exc:  # a plotting bug must not fail a finished run; its summary is already written
+        warnings.warn(f"{run_dir}: plots not written ({type(exc).__name__}: {exc})", stacklevel=2)
 
 
 def write_run_plots(run_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ statistics, never averaged averages. Only rank 0 writes the run directory.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,14 @@ from gradwise.errors import ConfigError
 # A rank that died makes the others fail a collective after this long instead of waiting forever
 # (distributed.timeout_s in the config).
 COLLECTIVE_TIMEOUT_S = 300.0
+
+# How torch 2.13's backends word a collective that waited its timeout out: gloo "Timed out waiting 5000ms for
+# recv operation to complete", NCCL's watchdog "... ran for 5012 milliseconds before timing out." and its
+# blocking wait "... timed out in blocking wait", the c10d store "wait timeout after 5000ms". NCCL's
+# "Some NCCL operations have failed or timed out" does not say which, so it does not count.
+_TIMED_OUT = re.compile(r"(?<!failed or )timed out|timing out|wait timeout", re.IGNORECASE)
+# The "[.../gloo/transport/tcp/unbound_buffer.cc:78] " or "[PG ID 0 PG GUID 0(default_pg) Rank 0] " prefixes.
+_BRACKETED_PREFIX = re.compile(r"^(\[[^\]]*\]\s*)+")
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,30 @@ def lost_a_peer(exc: RuntimeError) -> bool:
     text = str(exc)
     return isinstance(exc, dist.DistError) or any(
         mark in text for mark in ("gloo", "NCCL", "c10d", "Connection reset by peer", "Connection closed by peer")
+    )
+
+
+def peer_failure_message(exc: BaseException, rank: int, step: int, kept: str) -> str:
+    """The one line a rank reports when a collective failed under it (``lost_a_peer`` said so).
+
+    A timeout means this rank waited ``distributed.timeout_s`` for a peer that neither answered nor went
+    away (stopped, hung, or much slower): this rank only waited, so the line says so instead of calling
+    it a failure; which peer it was only the launcher can tell. Anything else (a closed connection, ranks
+    that diverged) keeps the general wording.
+
+    Args:
+        exc: The exception the collective raised.
+        rank: This process's rank.
+        step: The step the collective belonged to (the loop's ``counters.step + 1``).
+        kept: What the run directory still holds, e.g. ``"checkpoint 'last' (step 40) is kept"``.
+    """
+    first = (str(exc).splitlines() or [""])[0]  # an exception with no text has no first line
+    if isinstance(exc, TimeoutError) or _TIMED_OUT.search(first):
+        cause = _BRACKETED_PREFIX.sub("", first)[:200]
+        return f"rank {rank} timed out waiting for a peer at step {step} ({cause}); {kept}"
+    return (
+        f"rank {rank}: a collective failed at step {step} ({type(exc).__name__}: {first[:200]}); another rank "
+        f"died or stopped answering, or the ranks diverged; {kept}"
     )
 
 

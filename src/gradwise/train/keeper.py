@@ -6,7 +6,8 @@ keeper writes ``last`` at an evaluation only when ``checkpoint.min_interval_s``
 has passed since the previous write (the first evaluation always writes),
 and always every ``checkpoint.every_steps`` steps and when the run ends or is
 interrupted. A new best between two writes is kept in memory (a CPU copy of
-the weights) and written beside the next ``last``, so the files on disk
+the weights) and written beside the next ``last``; both are committed by one
+manifest rename (see :mod:`gradwise.store.checkpoint`), so the files on disk
 always form a consistent pair: after a crash, resuming from ``last`` replays
 the same steps and finds the same best again.
 """
@@ -15,19 +16,27 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from gradwise.config import CheckpointConfig
-from gradwise.train.checkpoint import save_checkpoint
+from gradwise.store.checkpoint import CheckpointFiles
 
 Snapshot = Callable[[], dict[str, Any]]
-# save_checkpoint's signature: (root, step, model_state, state, tags, *, weights_only) -> the checkpoint directory.
-Writer = Callable[..., Path]
+
+
+class CheckpointWriter(Protocol):
+    """Stages checkpoint directories, then commits tags to them in one step (``gradwise.store``'s writers)."""
+
+    def stage(
+        self, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any], *, weights_only: bool = False
+    ) -> str: ...
+
+    def commit(self, tags: Mapping[str, tuple[str, int]]) -> None: ...
 
 
 class CheckpointKeeper:
@@ -40,7 +49,8 @@ class CheckpointKeeper:
         training_state: Returns the full training state at the moment of a write.
         before_write: Called before every write, e.g. to make the metrics log
             durable up to the checkpoint's step (resume cuts the log back to it).
-        write: Writes one checkpoint (``save_checkpoint``, or a sharded writer that every rank calls).
+        writer: Stages and commits checkpoints (default: ordinary files under ``root``; FSDP runs pass the
+            sharded writer that every rank calls).
         agree: Makes a rank-local decision (the time since the last write) the same on every rank;
             needed when all ranks write together.
     """
@@ -52,7 +62,7 @@ class CheckpointKeeper:
         model: nn.Module,
         training_state: Snapshot,
         before_write: Callable[[], None] = lambda: None,
-        write: Writer = save_checkpoint,
+        writer: CheckpointWriter | None = None,
         agree: Callable[[bool], bool] = lambda decision: decision,
     ) -> None:
         self.root = root
@@ -60,7 +70,7 @@ class CheckpointKeeper:
         self.model = model
         self.training_state = training_state
         self.before_write = before_write
-        self.write = write
+        self.writer = writer if writer is not None else CheckpointFiles(root)
         self.agree = agree
         self.saved_step = -1
         self._saved_at = -math.inf
@@ -82,16 +92,19 @@ class CheckpointKeeper:
         if step == self.saved_step and self._pending_best is None:
             return
         self.before_write()
-        tags = ["last"]
+        tags: dict[str, tuple[str, int]] = {}
         if self._pending_best is not None:
             best_step, weights = self._pending_best
-            if best_step == step:
-                tags.append("best")
-            else:
+            if best_step != step:
                 # Weights only: `best` is for evaluation and restore-best; runs resume from `last`.
-                self.write(self.root, best_step, weights, {}, ["best"], weights_only=True)
-            self._pending_best = None
-        self.write(self.root, step, self.model.state_dict(), self.training_state(), tags)
+                tags["best"] = (self.writer.stage(best_step, weights, {}, weights_only=True), best_step)
+        name = self.writer.stage(step, self.model.state_dict(), self.training_state())
+        tags["last"] = (name, step)
+        if self._pending_best is not None and self._pending_best[0] == step:
+            tags["best"] = (name, step)
+        # One commit for both: `best` and the stopper state inside `last` can never disagree.
+        self.writer.commit(tags)
+        self._pending_best = None
         self.saved_step = step
         self._saved_at = time.monotonic()
 

@@ -13,11 +13,9 @@ import math
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +24,27 @@ from torch import nn
 
 from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
-from gradwise.experiments.export import record_data
-from gradwise.experiments.rundir import MetricsLog, read_metrics, write_config, write_summary
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
-from gradwise.train import distributed
-from gradwise.train.batching import gather
-from gradwise.train.checkpoint import (
+from gradwise.store.checkpoint import (
+    committed_step,
     load_model_state,
     load_training_state,
     load_weights_into,
     resolve_checkpoint,
-    save_checkpoint,
 )
+from gradwise.store.records import write_data_record
+from gradwise.store.rundir import MetricsLog, read_metrics, write_config, write_summary
+from gradwise.store.sharded import (
+    ShardedCheckpointFiles,
+    is_sharded,
+    load_full_checkpoint_into_sharded,
+    load_full_weights_into_sharded,
+    load_sharded_checkpoint,
+    optimizer_state_dict,
+)
+from gradwise.train import distributed
+from gradwise.train.batching import gather
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
 from gradwise.train.keeper import CheckpointKeeper
@@ -47,14 +53,6 @@ from gradwise.train.progress import ProgressReporter
 from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
-from gradwise.train.sharded_checkpoint import (
-    is_sharded,
-    load_full_checkpoint_into_sharded,
-    load_full_weights_into_sharded,
-    load_sharded_checkpoint,
-    optimizer_state_dict,
-    save_sharded_checkpoint,
-)
 from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes, wrap_for_ranks
 
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
@@ -121,7 +119,7 @@ def fit(
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
-        record_data(parts.data.info, run_dir)
+        write_data_record(run_dir, asdict(parts.data.info))
     # Under torch.distributed only rank 0 writes logs; the other ranks log to nowhere. Checkpoints are
     # rank 0's too, except FSDP's sharded ones, which every rank writes together.
     trackers = _open_trackers(cfg, run_dir, resume) if ctx.is_main else []
@@ -137,7 +135,7 @@ def fit(
             parts.model,
             training_state=lambda: _training_state(parts, counters, sharded=sharded),
             before_write=log.sync,
-            write=partial(save_sharded_checkpoint, ctx=ctx) if sharded else save_checkpoint,
+            writer=ShardedCheckpointFiles(run_dir / "checkpoints", ctx) if sharded else None,
             # All ranks write sharded checkpoints together, so they must agree when; rank 0 alone needs no one.
             agree=ctx.any if sharded else lambda decision: decision,
         )
@@ -252,7 +250,7 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
     """TensorBoard / MLflow trackers asked for in ``log`` (their libraries load only then)."""
     if not (cfg.log.tensorboard or cfg.log.mlflow):
         return []
-    from gradwise.experiments.tracking import open_trackers
+    from gradwise.train.tracking import open_trackers  # their libraries load only when asked for
 
     return open_trackers(cfg, run_dir, resume=resume)
 
@@ -454,13 +452,20 @@ def _finish(
     stop_reason: str,
     ctx: distributed.Distributed,
 ) -> dict[str, Any]:
-    """Final evaluation (of the best weights when asked), summary and plots."""
+    """Final evaluation (of the best weights when asked) and the summary; plots are the caller's (``report``)."""
     cfg = parts.cfg
     best_step = parts.stopper.best_step
     weights = "last"
     ctx.barrier()  # rank 0 has written the best checkpoint that every rank loads next
     if cfg.stop.restore_best and cfg.checkpoint.keep_best and best_step is not None and best_step != counters.step:
         best = resolve_checkpoint(run_dir, "best")
+        committed = committed_step(run_dir, "best")
+        if committed is not None and committed != best_step:
+            # Never restore (and report) other weights than the best the stopper found.
+            raise CheckpointError(
+                f"{run_dir / 'checkpoints'}: 'best' is the checkpoint of step {committed}, but the run's best "
+                f"evaluation was at step {best_step}; the checkpoints are damaged"
+            )
         if is_sharded(best):
             load_sharded_checkpoint(best, parts.model, None, ctx=ctx)
         elif is_fully_sharded(parts.model):  # a best from before the run continued with FSDP
@@ -515,8 +520,6 @@ def _finish(
         from gradwise.finetune.lora import save_adapter
 
         save_adapter(parts.model, run_dir / "adapter")  # the (best) adapter alone, a few hundred KB
-    if cfg.log.plots:
-        _write_plots(run_dir)
     return summary
 
 
@@ -531,15 +534,6 @@ def _eval_line_at(run_dir: Path, step: int | None) -> dict[str, float]:
     _, evals = read_metrics(run_dir)
     line = next((e for e in evals if e["step"] == step and e.get("split") == "val"), {})
     return {k: v for k, v in line.items() if k.startswith("val_")}
-
-
-def _write_plots(run_dir: Path) -> None:
-    from gradwise.report.plots import write_run_plots  # matplotlib is slow to import; only when plotting
-
-    try:
-        write_run_plots(run_dir)
-    except Exception as exc:  # a plotting bug must not fail a finished run; its summary is already written
-        warnings.warn(f"{run_dir}: plots not written ({type(exc).__name__}: {exc})", stacklevel=2)
 
 
 def _final_line(summary: dict[str, Any]) -> str:

@@ -28,25 +28,42 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from gradwise.errors import CheckpointError
-from gradwise.train.checkpoint import (
+from gradwise.store.checkpoint import (
     STATE_FILE,
     checkpoint_name,
+    commit,
+    committed_names,
     load_training_state,
     move_into_place,
-    point_tags,
     write_state_files,
 )
-from gradwise.train.distributed import Distributed
+
+
+class Ranks(Protocol):
+    """What a sharded save or load needs of the job (``gradwise.train.distributed.Distributed`` is one).
+
+    A protocol, so the storage layer needs nothing from the training layer above it.
+    """
+
+    @property
+    def is_main(self) -> bool: ...
+    @property
+    def active(self) -> bool: ...
+    @property
+    def world(self) -> int: ...
+    def barrier(self) -> None: ...
+
 
 SHARDS_DIR = "shards"
-MANIFEST_FILE = "shards.json"
+SHARD_INDEX_FILE = "shards.json"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 SHARD_REF = "__shard__"
@@ -60,35 +77,40 @@ def is_sharded(ckpt: Path) -> bool:
     return (ckpt / SHARDS_DIR).is_dir()
 
 
-def save_sharded_checkpoint(
-    root: Path,
-    step: int,
-    model_state: dict[str, torch.Tensor],
-    state: dict[str, Any],
-    tags: list[str],
-    *,
-    ctx: Distributed,
-    weights_only: bool = False,
-) -> Path:
-    """Write checkpoint ``step`` with every rank's shards; all ranks call this together.
+class ShardedCheckpointFiles:
+    """The writer of an FSDP run: every rank stages its shards together; rank 0 commits the tags.
 
     Args:
         root: The run's ``checkpoints/`` directory (on a filesystem every rank sees).
-        step: The optimizer step.
-        model_state: The model's state dict (sharded DTensors under FSDP, plain tensors otherwise).
-        state: The training state; its ``optimizer`` entry, when present, is the name-keyed optimizer state
-            dict of ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``.
-        tags: Links to point at this checkpoint (``last``, ``best``), by rank 0.
         ctx: This process's place in the job.
-        weights_only: A ``best`` kept between two full writes: weights, no training state.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    name = checkpoint_name(step, weights_only=weights_only)
-    final = root / name
-    # Every rank decides before the first barrier, so none can see rank 0's finished rename while another did not.
-    if not (final / STATE_FILE).exists():
+    def __init__(self, root: Path, ctx: Ranks) -> None:
+        self.root = root
+        self.ctx = ctx
+
+    def stage(
+        self, step: int, model_state: dict[str, torch.Tensor], state: dict[str, Any], *, weights_only: bool = False
+    ) -> str:
+        """Write checkpoint ``step`` with every rank's shards (not yet committed); all ranks call this together.
+
+        Args:
+            step: The optimizer step.
+            model_state: The model's state dict (sharded DTensors under FSDP, plain tensors otherwise).
+            state: The training state; its ``optimizer`` entry, when present, is the name-keyed optimizer
+                state dict of ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``.
+            weights_only: A ``best`` kept between two full writes: weights, no training state.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        ctx, root = self.ctx, self.root
+        name = checkpoint_name(step, weights_only=weights_only)
+        final = root / name
+        # Every rank decides before the first barrier, so none can see rank 0's finished rename while another
+        # did not. Only a committed directory is reused: an uncommitted one may be a killed writer's.
+        if name in committed_names(root) and (final / STATE_FILE).exists():
+            return name
         tmp = root / f".tmp-{name}-sharded"
         if ctx.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -108,10 +130,30 @@ def save_sharded_checkpoint(
             write_state_files(tmp, rest)
             _write_manifest(tmp, shards)
             move_into_place(tmp, final)
-    if ctx.is_main:
-        point_tags(root, name, tags)
-    ctx.barrier()  # nobody reads `last`/`best` before the links point at complete files
-    return final
+        ctx.barrier()
+        return name
+
+    def commit(self, tags: Mapping[str, tuple[str, int]]) -> None:
+        if self.ctx.is_main:
+            commit(self.root, tags)
+        self.ctx.barrier()  # nobody reads `last`/`best` before the manifest names complete files
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tags: list[str],
+    *,
+    ctx: Ranks,
+    weights_only: bool = False,
+) -> Path:
+    """Stage checkpoint ``step`` with every rank's shards and commit ``tags`` to it; all ranks call this."""
+    files = ShardedCheckpointFiles(root, ctx)
+    name = files.stage(step, model_state, state, weights_only=weights_only)
+    files.commit({tag: (name, step) for tag in tags})
+    return root / name
 
 
 def _write_manifest(directory: Path, shards: dict[str, torch.Tensor]) -> None:
@@ -124,7 +166,7 @@ def _write_manifest(directory: Path, shards: dict[str, torch.Tensor]) -> None:
     import os
 
     manifest = {"tensors": {key: list(tensor.shape) for key, tensor in shards.items()}}
-    with open(directory / MANIFEST_FILE, "w") as handle:
+    with open(directory / SHARD_INDEX_FILE, "w") as handle:
         handle.write(json.dumps(manifest))
         handle.flush()
         os.fsync(handle.fileno())
@@ -177,7 +219,7 @@ def _torch_optimizers(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
 
 
 def load_sharded_checkpoint(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, ctx: Distributed
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, ctx: Ranks
 ) -> dict[str, Any]:
     """Load the weights (and the optimizer state) of a sharded checkpoint into the model's current layout.
 
@@ -223,7 +265,7 @@ def load_sharded_checkpoint(
 
 
 def load_full_checkpoint_into_sharded(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, ctx: Distributed
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, ctx: Ranks
 ) -> dict[str, Any]:
     """Load an ordinary checkpoint (full weights, position-keyed optimizer state) into a fully sharded model.
 
@@ -265,7 +307,7 @@ def load_full_weights_into_sharded(ckpt: Path, model: nn.Module) -> None:
     """Load an ordinary checkpoint's full weights into a fully sharded model (each rank keeps its shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    from gradwise.train.checkpoint import load_model_state
+    from gradwise.store.checkpoint import load_model_state
 
     full = load_model_state(ckpt)
     own = {key: tuple(value.shape) for key, value in get_model_state_dict(model).items()}
@@ -331,7 +373,7 @@ def _stored_tensors(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
 def _read_manifest(ckpt: Path) -> dict[str, list[int]] | None:
     import json
 
-    file = ckpt / MANIFEST_FILE
+    file = ckpt / SHARD_INDEX_FILE
     if not file.exists():
         return None
     try:
@@ -353,21 +395,15 @@ def consolidated_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 def consolidate(ckpt: Path, out: Path | None = None) -> Path:
     """Write the full weights of sharded checkpoint ``ckpt`` as one safetensors file (default: its model.safetensors).
 
-    The file is written under a temporary name and renamed, so a reader never sees half of it.
+    The file is written under a temporary name and renamed, so a reader never sees half of it; written into
+    the checkpoint, it is added to the manifest (readers trust only the files the manifest lists).
     """
-    import os
-
-    from safetensors.torch import save_file
-
-    from gradwise.train.checkpoint import MODEL_FILE, fsync_dir, fsync_file
+    from gradwise.store.checkpoint import MODEL_FILE, add_to_manifest, save_tensors
 
     if not is_sharded(ckpt):
         raise CheckpointError(f"{ckpt}: not a sharded checkpoint (no {SHARDS_DIR}/ directory); nothing to consolidate")
     target = out if out is not None else ckpt / MODEL_FILE
-    weights = consolidated_model_state(ckpt)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    save_file({key: value.contiguous() for key, value in weights.items()}, str(tmp))
-    fsync_file(tmp)  # eval prefers this file to the shards: it must never be torn
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+    save_tensors(target, consolidated_model_state(ckpt))
+    if out is None:
+        add_to_manifest(ckpt)
     return target

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from gradwise.config import RunConfig
 from gradwise.errors import ConfigError
-from gradwise.experiments.rundir import read_metrics
+from gradwise.store.rundir import read_metrics
 
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 TRAIN_SCALARS = ("loss", "lr", "batch_size", "grad_norm")
@@ -203,7 +203,7 @@ class MlflowTracker:
             self._log_params(client, run_id, cfg, skip=set())
         except Exception as exc:  # a bad store surfaces as MlflowException, SQLAlchemy or OS errors alike
             raise ConfigError(f"log.mlflow: {cfg.log.mlflow!r} cannot be used: {_first_line(str(exc))}") from None
-        from gradwise.train.checkpoint import atomic_write_text
+        from gradwise.store.files import atomic_write_text
 
         atomic_write_text(id_file, run_id + "\n")
         return client, run_id

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gradwise.errors import CheckpointError
-from gradwise.train.checkpoint import (
+from gradwise.store.checkpoint import (
     flatten_state,
     load_model_state,
     load_training_state,
@@ -83,13 +83,13 @@ def test_old_steps_are_pruned_but_tagged_ones_kept(tmp_path: Path):
     save_checkpoint(tmp_path, 2, model.state_dict(), {}, ["last"])
     save_checkpoint(tmp_path, 3, model.state_dict(), {}, ["last"])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["best", "last", "step-00000001", "step-00000003"]
+    assert names == ["best", "last", "manifest.json", "step-00000001", "step-00000003"]
 
 
 def test_a_killed_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     model = torch.nn.Linear(2, 1)
     save_checkpoint(tmp_path, 1, model.state_dict(), {"counters": {"step": 1}}, ["last"])
-    import gradwise.train.checkpoint as ckpt_module
+    import gradwise.store.checkpoint as ckpt_module
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt  # the process dies in the middle of writing

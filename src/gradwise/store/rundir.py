@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from gradwise.config import RunConfig, to_yaml
 from gradwise.errors import CheckpointError, GradwiseWarning
-from gradwise.train.checkpoint import atomic_write_text
+from gradwise.store.files import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -14,10 +14,9 @@ from gradwise.errors import CheckpointError, ConfigError
 from gradwise.models.cnn import CNN
 from gradwise.models.mlp import MLP
 from gradwise.optim import build_optimizer
-from gradwise.train import sharded_checkpoint
-from gradwise.train.checkpoint import load_model_state
-from gradwise.train.distributed import Distributed
-from gradwise.train.sharded_checkpoint import (
+from gradwise.store import sharded as sharded_checkpoint
+from gradwise.store.checkpoint import load_model_state
+from gradwise.store.sharded import (
     consolidate,
     consolidated_model_state,
     is_sharded,
@@ -25,6 +24,7 @@ from gradwise.train.sharded_checkpoint import (
     optimizer_state_dict,
     save_sharded_checkpoint,
 )
+from gradwise.train.distributed import Distributed
 from gradwise.train.sharding import shard_units, state_bytes
 
 

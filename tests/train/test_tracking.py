@@ -10,9 +10,9 @@ import pytest
 from gradwise.config import read_yaml, validate
 from gradwise.errors import ConfigError
 from gradwise.experiments.recipes import find_recipe
-from gradwise.experiments.rundir import read_metrics
-from gradwise.experiments.tracking import MLFLOW_RUN_ID_FILE, experiment_name, flatten_config, scalars
+from gradwise.store.rundir import read_metrics
 from gradwise.train.loop import fit
+from gradwise.train.tracking import MLFLOW_RUN_ID_FILE, experiment_name, flatten_config, scalars
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
