@@ -376,6 +376,11 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
     check_resumable(args.run_dir, cfg)
     if args.nproc is not None:
+        from gradwise.store import lock
+
+        # This process holds the run's lock for the ranks it launches (a second resume is refused here).
+        lock.acquire(args.run_dir)
+        os.environ[lock.HELD_BY_PARENT_ENV] = str((args.run_dir / lock.LOCK_FILE).resolve())
         return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
     from gradwise.train import distributed
 

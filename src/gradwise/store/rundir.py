@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -19,7 +20,8 @@ from typing import IO, Any
 
 from gradwise.config import RunConfig, to_yaml
 from gradwise.errors import CheckpointError, GradwiseWarning
-from gradwise.store.files import atomic_write_text
+from gradwise.store import lock as run_lock
+from gradwise.store.files import atomic_write_text, read_text, storage_error
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -27,20 +29,68 @@ SUMMARY_FILE = "summary.json"
 
 
 def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
-    """A fresh ``<out_dir>/<name>-<timestamp>`` directory (the name is used as-is when given)."""
-    if cfg.name:
-        path = cfg.out_dir / cfg.name
-        if (path / METRICS_FILE).exists():
-            raise CheckpointError(f"{path}: a run with this name exists; resume it with resume={path} or pick a name")
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = cfg.out_dir / f"{default_name}-{stamp}"
-        suffix = 1
-        while path.exists():
-            suffix += 1
-            path = cfg.out_dir / f"{default_name}-{stamp}-{suffix}"
-    path.mkdir(parents=True, exist_ok=True)
+    """A fresh ``<out_dir>/<name>-<timestamp>`` directory (the name is used as-is when given).
+
+    A named directory that holds a run refuses; one left by a run that never got to its first step
+    (only gradwise's own files, no checkpoint, no summary) is cleared and reused.
+
+    Raises:
+        CheckpointError: a run of that name exists, or the directory holds files that are not a run's.
+        StorageError: ``out_dir`` cannot be created (a file in the way, no permission, read-only).
+    """
+    try:
+        if cfg.name:
+            path = cfg.out_dir / cfg.name
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise CheckpointError(f"{path}: exists and is not a run directory; pick another name or out_dir")
+            if path.is_dir() and any(path.iterdir()):
+                if (path / "checkpoints").exists() or (path / SUMMARY_FILE).exists():
+                    raise CheckpointError(
+                        f"{path}: a run with this name exists; resume it with resume={path} or pick a name"
+                    )
+                with run_lock.holding(path):  # a run starting under this name right now holds it
+                    discarded = discard_unstarted_run(path)
+                if not discarded:
+                    raise CheckpointError(f"{path}: exists and holds files that are not a run's; pick another name")
+        else:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            path = cfg.out_dir / f"{default_name}-{stamp}"
+            suffix = 1
+            while path.exists():
+                suffix += 1
+                path = cfg.out_dir / f"{default_name}-{stamp}-{suffix}"
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(exc, exc.filename or cfg.out_dir) from None
     return path
+
+
+# What a run writes before its first step; a directory holding only these never trained.
+_UNSTARTED_FILES = {CONFIG_FILE, METRICS_FILE, "data_info.json", "tokenizer", ".lock", "plots", "tensorboard"}
+
+
+def discard_unstarted_run(run_dir: Path) -> bool:
+    """Remove a run directory that never reached its first step; False (and nothing removed) if it holds more.
+
+    Only gradwise's own files are removed, so a directory a user named by mistake is never emptied.
+    """
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return False
+    entries = list(run_dir.iterdir())
+    if any(entry.name not in _UNSTARTED_FILES for entry in entries):
+        return False
+    if (run_dir / METRICS_FILE).is_file() and '"kind": "train"' in (run_dir / METRICS_FILE).read_text(errors="replace"):
+        return False  # it took steps: what it logged is worth keeping
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
+    return True
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -54,7 +104,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 def read_summary(run_dir: Path) -> dict[str, Any]:
     file = run_dir / SUMMARY_FILE
     try:
-        return json.loads(file.read_text())
+        return json.loads(read_text(file, what="summary"))
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing; the run has not finished") from None
     except json.JSONDecodeError as exc:

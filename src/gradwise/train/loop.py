@@ -26,6 +26,7 @@ from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, TrainingError
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
+from gradwise.store import lock as run_lock
 from gradwise.store.checkpoint import (
     committed_step,
     load_model_state,
@@ -33,8 +34,16 @@ from gradwise.store.checkpoint import (
     load_weights_into,
     resolve_checkpoint,
 )
+from gradwise.store.paths import audit_for_writing
 from gradwise.store.records import write_data_record
-from gradwise.store.rundir import MetricsLog, read_metrics, write_config, write_summary
+from gradwise.store.rundir import (
+    CONFIG_FILE,
+    MetricsLog,
+    discard_unstarted_run,
+    read_metrics,
+    write_config,
+    write_summary,
+)
 from gradwise.store.sharded import (
     ShardedCheckpointFiles,
     is_sharded,
@@ -108,12 +117,48 @@ def fit(
             saves a checkpoint and ends the run as ``interrupted``. Ctrl-C and
             SIGTERM do the same.
         hooks: Outside observers that may end the run (see :class:`FitHooks`).
+
+    Raises:
+        CheckpointError: another process is writing ``run_dir`` (one writer per run), or it holds links
+            gradwise did not make; a run that fails before its first step leaves no directory behind.
     """
     ctx = distributed.current(cfg.distributed.timeout_s)
+    counters = Counters()
+    with _writing(run_dir, ctx, counters, resume=resume):
+        return _fit(cfg, run_dir, ctx, counters, resume=resume, stop_requested=stop_requested, hooks=hooks)
+
+
+@contextmanager
+def _writing(run_dir: Path, ctx: distributed.Distributed, counters: Counters, *, resume: bool) -> Iterator[None]:
+    """Hold the run directory's lock while training writes it; undo a new run that failed before step 1."""
+    if not ctx.is_main:  # rank 0 holds the lock for the job
+        yield
+        return
+    fresh = not resume and not (run_dir / CONFIG_FILE).exists()
+    with run_lock.holding(run_dir):
+        if resume:
+            audit_for_writing(run_dir)
+        try:
+            yield
+        except BaseException:
+            if fresh and counters.step == 0:
+                discard_unstarted_run(run_dir)  # so the corrected command can use the same name= again
+            raise
+
+
+def _fit(
+    cfg: RunConfig,
+    run_dir: Path,
+    ctx: distributed.Distributed,
+    counters: Counters,
+    *,
+    resume: bool,
+    stop_requested: Callable[[], bool] | None,
+    hooks: FitHooks | None,
+) -> dict[str, Any]:
     # FSDP runs keep sharded checkpoints whatever the process count, so any count can resume them.
     sharded = cfg.distributed.strategy == "fsdp"
     parts = build_run(cfg, fully_shard=sharded and ctx.active)
-    counters = Counters()
     if resume:
         _restore(parts, counters, run_dir, ctx)
     elif ctx.is_main:
