@@ -61,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continue RUN_DIR from its last checkpoint with its saved config; bit-exact on CPU.\n\n"
         "example:\n  gradwise resume runs/digits-cnn-20261125-120000\n"
         "  gradwise resume runs/digits-cnn-20261125-120000 stop.epochs=40   # train longer\n"
-        "  gradwise resume runs/gpt-python-20261125-120000 --nproc 4 distributed.strategy=fsdp   # scale out",
+        "  gradwise resume runs/gpt-python-20261125-120000 --nproc 4 distributed.strategy=fsdp   # scale out\n"
+        "  gradwise resume runs/digits-cnn-20261125-120000 --from-checkpoint last optim.lr=1e-4   # after divergence",
     )
     resume.add_argument("run_dir", type=Path)
     resume.add_argument("--nproc", type=int, default=None, help="processes to resume with (any number)")
+    resume.add_argument(
+        "--from-checkpoint",
+        choices=["last", "best"],
+        default=None,
+        help="start a NEW run directory from this checkpoint (recording its parent in lineage.json); any "
+        "optimization setting may change (optim.*, schedule.*, regularize.*, batch.*, noise.*), data and model may not",
+    )
     resume.add_argument(
         "overrides",
         nargs="*",
@@ -283,6 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     except GradwiseError as exc:
         print(f"gradwise {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # the machine's failure, not ours: the path and the reason, never a traceback
+        from gradwise.store.files import describe_os_error
+
+        print(f"gradwise {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UnicodeDecodeError as exc:
+        print(
+            f"gradwise {args.command}: error: a file is not UTF-8 text (byte {exc.start}: {exc.reason})",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"gradwise {args.command}: aborted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -320,6 +339,9 @@ def _train(args: argparse.Namespace) -> int:
             f"{recipe}: a compression recipe; run it on a trained run: gradwise compress RUN_DIR {args.recipe}"
         )
     cfg = validate(raw, source=str(recipe))
+    from gradwise.train.tracking import require_extras
+
+    require_extras(cfg)  # before any directory is made
     if cfg.variants:
         parent = run_variants(raw, cfg, str(recipe), recipe.stem)
         print(f"compared {len(cfg.variants)} variants: {parent}/comparison.md")
@@ -374,6 +396,14 @@ def _resume(args: argparse.Namespace) -> int:
     if not saved.exists():
         raise CheckpointError(f"{args.run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
+    if args.from_checkpoint is not None:
+        from gradwise.store.rundir import branch_run
+
+        parent = args.run_dir
+        args.run_dir = branch_run(parent, args.from_checkpoint, cfg, f"{parent.name}-branch")
+        print(f"branched {parent} at checkpoint '{args.from_checkpoint}' into {args.run_dir}")
+        cfg = validate(read_yaml(args.run_dir / CONFIG_FILE), source=str(args.run_dir / CONFIG_FILE))
+        args.overrides = []
     check_resumable(args.run_dir, cfg)
     if args.nproc is not None:
         from gradwise.store import lock

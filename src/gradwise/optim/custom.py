@@ -91,6 +91,9 @@ class AdaptiveLR(torch.optim.Optimizer):
         Ward, Wu & Bottou 2019, "AdaGrad stepsizes: sharp convergence over nonconvex landscapes" (ICML).
     """
 
+    # Kept in the param groups but state, not a hyperparameter: a run branched with a new lr keeps it.
+    stateful_group_keys = ("grad_sq_sum",)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, beta: float = 1.0) -> None:
         if lr < 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")

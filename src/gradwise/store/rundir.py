@@ -26,6 +26,20 @@ from gradwise.store.files import atomic_write_text, read_text, storage_error
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LINEAGE_FILE = "lineage.json"
+# A branch continues the parent's training state with a changed optimization; what would make that state
+# meaningless (other data, another model, another numeric format) may not change.
+_BRANCH_FIXED = (
+    "data.",
+    "model.",
+    "seed",
+    "precision",
+    "finetune.",
+    "distill.",
+    "prune.",
+    "qat.",
+    "distributed.mixed_precision",
+)
 
 
 def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
@@ -177,13 +191,16 @@ class MetricsLog:
         self.listeners = list(listeners)
         if resume_step is not None:
             self._truncate_after(resume_step)
-        self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # closed in close()
+        try:
+            self._handle: IO[str] = open(self.path, "a", buffering=1 << 16)  # closed in close()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -193,20 +210,36 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
+        try:
+            self._handle.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
         for listener in self.listeners:
             listener(record)
 
     def flush(self) -> None:
-        self._handle.flush()
+        try:
+            self._handle.flush()
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
 
     def sync(self) -> None:
         """Flush and fsync: every line written so far survives a crash."""
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise storage_error(exc, self.path) from None
 
     def close(self) -> None:
-        self._handle.close()
+        """Close the log; lines that cannot be written any more (a full disk) are dropped, not raised again.
+
+        Called on the way out of a failed run too, where the first error is the one to report.
+        """
+        try:
+            self._handle.close()
+        except OSError:
+            pass
 
 
 # Schedules whose shape is stretched over the whole run's length.
@@ -258,3 +291,79 @@ def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, A
             found.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
         return found
     return {} if old == new else {prefix.rstrip("."): (old, new)}
+
+
+def branched_at(run_dir: Path) -> int | None:
+    """The step a branched run started from (its ``lineage.json``), or None for a run that is no branch."""
+    file = run_dir / LINEAGE_FILE
+    if not file.is_file():
+        return None
+    try:
+        step = json.loads(read_text(file, what="lineage file")).get("step")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{file}: corrupt ({exc})") from None
+    return step if isinstance(step, int) else None
+
+
+def branch_run(parent: Path, tag: str, cfg: RunConfig, default_name: str) -> Path:
+    """Start a new run directory from checkpoint ``tag`` of ``parent``, to continue with a changed config.
+
+    The checkpoint (and the parent's best, which its stopper state refers to), the metrics up to it, the data
+    record and the tokenizer are copied; ``config.yaml`` is the new config, and ``lineage.json`` records the
+    parent, the checkpoint, its step and what changed. The parent is only read. Resuming the new directory
+    then continues from the copied checkpoint with the new optimization (learning rate, clipping, schedule…).
+
+    Raises:
+        CheckpointError: ``tag`` is not a full checkpoint, or ``cfg`` changes what the state depends on.
+    """
+    from gradwise.config import read_yaml, validate
+    from gradwise.store.checkpoint import commit, read_manifest, resolve_checkpoint
+    from gradwise.store.records import DATA_INFO_FILE, TOKENIZER_DIR, copy_file_into, copy_tree_into
+
+    saved_file = parent / CONFIG_FILE
+    if not saved_file.exists():
+        raise CheckpointError(f"{parent}: not a run directory ({CONFIG_FILE} is missing)")
+    saved = validate(read_yaml(saved_file), source=str(saved_file))
+    changes = _differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+    for path, (old, new) in changes.items():
+        if path.startswith(_BRANCH_FIXED):
+            raise CheckpointError(
+                f"{parent}: a branch cannot change {path} ({old!r} → {new!r}); its checkpoint's weights and state "
+                f"depend on it (fixed: {', '.join(_BRANCH_FIXED)})"
+            )
+    ckpt = resolve_checkpoint(parent, tag)
+    if not (ckpt / "state.json").exists() or ckpt.name.startswith("weights-"):
+        raise CheckpointError(
+            f"{ckpt}: holds weights only (a best kept between two full checkpoints); branch from last"
+        )
+    manifest = read_manifest(parent / "checkpoints")
+    steps = manifest.steps if manifest is not None else {}
+    step = steps.get(tag, int(ckpt.name.split("-")[1]))
+    target = new_run_dir(cfg.model_copy(update={"name": cfg.name if "name" in changes else None}), default_name)
+    with run_lock.holding(target):
+        root = target / "checkpoints"
+        root.mkdir()
+        tags = {"last": (ckpt.name, step)}
+        shutil.copytree(ckpt, root / ckpt.name, symlinks=True)
+        best = parent / "checkpoints" / "best"
+        if tag == "last" and (best.is_symlink() or best.exists()):
+            best_dir = resolve_checkpoint(parent, "best")
+            if best_dir.name != ckpt.name:
+                shutil.copytree(best_dir, root / best_dir.name, symlinks=True)
+            tags["best"] = (best_dir.name, steps.get("best", int(best_dir.name.split("-")[1])))
+        elif tag == "best":
+            tags["best"] = (ckpt.name, step)
+        commit(root, tags)
+        for name in (METRICS_FILE, DATA_INFO_FILE):
+            if (parent / name).is_file():
+                copy_file_into(parent / name, target / name)
+        copy_tree_into(parent / TOKENIZER_DIR, target / TOKENIZER_DIR)
+        write_config(target, cfg.model_copy(update={"name": target.name, "out_dir": target.parent}))
+        lineage = {
+            "parent": str(parent.resolve()),
+            "checkpoint": tag,
+            "step": step,
+            "changes": {path: {"from": old, "to": new} for path, (old, new) in sorted(changes.items())},
+        }
+        atomic_write_text(target / LINEAGE_FILE, json.dumps(lineage, indent=1) + "\n")
+    return target

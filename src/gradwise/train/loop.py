@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradwise.config import RunConfig
-from gradwise.errors import CheckpointError, TrainingError
+from gradwise.errors import CheckpointError, StorageError, TrainingError
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
 from gradwise.store import lock as run_lock
@@ -39,6 +39,7 @@ from gradwise.store.records import write_data_record
 from gradwise.store.rundir import (
     CONFIG_FILE,
     MetricsLog,
+    branched_at,
     discard_unstarted_run,
     read_metrics,
     write_config,
@@ -272,13 +273,27 @@ def _fit(
                 if keeper.saved_step >= 0
                 else "no checkpoint had been written yet"
             )
-            message = f"{exc}; {kept} — lower optim.lr or set regularize.clip_grad_norm"
+            if keeper.saved_step >= 0:
+                advice = (
+                    f" — continue from it with a changed optimization in a new run: gradwise resume {run_dir} "
+                    "--from-checkpoint last optim.lr=<lower> (or regularize.clip_grad_norm=1.0)"
+                )
+            else:
+                advice = " — lower optim.lr or set regularize.clip_grad_norm and train again"
+            message = f"{exc}; {kept}{advice}"
             failed = {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step}
             if ctx.is_main:
                 write_summary(run_dir, failed)
             for tracker in trackers:
                 tracker.finish(failed, run_dir)
             raise TrainingError(message) from None
+        except StorageError as exc:  # a full disk, a permission lost mid-run: nothing written is lost
+            kept = (
+                f"checkpoint 'last' (step {keeper.saved_step}) is kept; resume when the cause is fixed"
+                if keeper.saved_step >= 0
+                else "no checkpoint had been written yet"
+            )
+            raise StorageError(f"{exc}; {kept}") from None
         finally:
             log.close()
         reporter.finish(counters.step)
@@ -455,6 +470,7 @@ def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> di
 def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distributed.Distributed) -> None:
     """Load every piece of state from ``last`` so the run continues bit-for-bit."""
     ckpt = resolve_checkpoint(run_dir, "last")
+    configured = _hyperparameters(parts.optimizer)
     if is_sharded(ckpt):
         # Weights and optimizer state come from the shards, into this run's layout (any process count).
         state = load_sharded_checkpoint(ckpt, parts.model, parts.optimizer, ctx=ctx)
@@ -468,6 +484,29 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distribute
         _load_state(parts, counters, state)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: training state does not match this run ({type(exc).__name__}: {exc})") from None
+    if branched_at(run_dir) == counters.step:  # the first steps of a branch: its new optimization applies
+        _reapply_hyperparameters(parts.optimizer, configured)
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's configured hyperparameters: ``base_lr`` and the optimizer's declared ``defaults`` keys."""
+    declared = (set(getattr(optimizer, "defaults", {})) | {"base_lr"}) - set(
+        getattr(optimizer, "stateful_group_keys", ())
+    )
+    return [{k: v for k, v in group.items() if k in declared} for group in optimizer.param_groups]
+
+
+def _reapply_hyperparameters(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> None:
+    """On a branch, the new config, not the parent's checkpoint, sets the hyperparameters.
+
+    ``load_state_dict`` restores the saved groups' lr, betas, momentum…; a run branched from a checkpoint
+    with ``optim.lr=...`` must train with the new values. State an optimizer keeps in its groups (the
+    adaptive rule's running sum, named in its ``stateful_group_keys``) stays as saved.
+    """
+    if len(configured) != len(optimizer.param_groups):
+        return
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
 
 
 def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> None:

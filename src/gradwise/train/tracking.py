@@ -52,6 +52,26 @@ class Tracker(Protocol):
     def finish(self, summary: dict[str, Any], run_dir: Path) -> None: ...
 
 
+# Optional extras: config switch -> (module that must import, the extra that installs it).
+_EXTRAS = {"log.tensorboard": ("tensorboard", "tracking"), "log.mlflow": ("mlflow", "tracking")}
+
+
+def require_extras(cfg: RunConfig) -> None:
+    """Refuse, before anything is written, a tracker whose library is not installed (one line: what to install).
+
+    Raises:
+        ConfigError: naming the switch and the ``pip install 'gradwise[...]'`` that provides it.
+    """
+    import importlib.util
+
+    asked = {"log.tensorboard": cfg.log.tensorboard, "log.mlflow": bool(cfg.log.mlflow)}
+    for switch, (module, extra) in _EXTRAS.items():
+        if asked[switch] and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{switch} needs the {module} package, which is not installed: pip install 'gradwise[{extra}]'"
+            )
+
+
 def open_trackers(cfg: RunConfig, run_dir: Path, *, resume: bool) -> list[Tracker]:
     """The trackers ``cfg.log`` asks for, opened (MLflow checked) before training starts.
 
@@ -66,6 +86,7 @@ def open_trackers(cfg: RunConfig, run_dir: Path, *, resume: bool) -> list[Tracke
     Raises:
         ConfigError: ``log.mlflow`` names an unsupported or unreachable tracking store.
     """
+    require_extras(cfg)
     trackers: list[Tracker] = []
     if cfg.log.mlflow:
         # First: a bad URI must fail before TensorBoard creates any file.
