@@ -1,4 +1,5 @@
-"""`gradwise train --nproc 2` when a rank dies or the user presses Ctrl-C: one short message, a resumable run."""
+"""`gradwise train --nproc 2` when a rank dies, stops answering or the user presses Ctrl-C: one short message,
+a resumable run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from gradwise.errors import ConfigError
-from gradwise.train.launch import _failure_status, launch
+from gradwise.train.distributed import peer_failure_message
+from gradwise.train.launch import StoppedRank, _failure_status, launch
 
 # digits MLP without dropout (each rank would draw its own masks) and a constant LR: 6 epochs of 40 steps,
 # a checkpoint every 20 steps so that the kill below always has one to fall back on.
@@ -69,6 +71,73 @@ def test_the_killed_rank_is_blamed_not_the_peer_that_lost_it(capsys):
     )
 
 
+def test_a_rank_killed_for_being_stopped_is_named_not_the_rank_that_timed_out(capsys):
+    # Rank 0 timed out waiting (exit 2, its own line); the launcher found rank 1 stopped and killed it.
+    status = _failure_status(
+        failed((0, 2), (1, -signal.SIGKILL)),
+        2,
+        ["train", "digits-mlp", "distributed.timeout_s=5"],
+        (StoppedRank(rank=1, pid=1001, state="T"),),
+    )
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "gradwise: rank 1 (pid 1001) stopped answering (it was stopped, e.g. by SIGSTOP, and was killed); "
+        "the other ranks timed out waiting for it after distributed.timeout_s=5 s; the run directory keeps its "
+        "last checkpoint; continue with: gradwise resume RUN_DIR [--nproc N]\n"
+    )
+
+
+def test_a_hung_rank_the_agent_had_to_kill_does_not_make_the_rank_that_timed_out_the_culprit(capsys):
+    # Rank 1 hung (not stopped): rank 0 timed out and said so; the agent SIGKILLed rank 1 30 s later.
+    failures = failed((0, 2), (1, -signal.SIGKILL))
+    failures.failures[1].timestamp = failures.failures[0].timestamp + 30
+    assert _failure_status(failures, 2, ["train", "digits-mlp"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+# What torch 2.13's gloo raises in a collective when a peer is stopped (distributed.timeout_s=5).
+GLOO_TIMEOUT = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+    "Timed out waiting 5000ms for recv operation to complete"
+)
+KEPT = "checkpoint 'last' (step 40) is kept"
+
+
+@pytest.mark.parametrize(
+    "exc, message",
+    [
+        (
+            RuntimeError(GLOO_TIMEOUT),
+            f"rank 0 timed out waiting for a peer at step 43 (Timed out waiting 5000ms for recv operation to "
+            f"complete); {KEPT}",
+        ),
+        (
+            torch.distributed.DistBackendError(
+                "[PG ID 0 PG GUID 0(default_pg) Rank 0] Watchdog caught collective operation timeout: "
+                "WorkNCCL(SeqNum=9, OpType=ALLREDUCE, Timeout(ms)=5000) ran for 5012 milliseconds before timing out."
+            ),
+            "rank 0 timed out waiting for a peer at step 43 (Watchdog caught collective operation timeout: "
+            f"WorkNCCL(SeqNum=9, OpType=ALLREDUCE, Timeout(ms)=5000) ran for 5012 milliseconds before timing out.); "
+            f"{KEPT}",
+        ),
+        (
+            # A closed connection is not a timeout, and NCCL's Timeout(ms) field alone does not make one.
+            RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:24754. WorkNCCL(Timeout(ms)=5000)\nmore"),
+            "rank 0: a collective failed at step 43 (RuntimeError: [pair.cc:553] Connection closed by peer "
+            "[127.0.0.1]:24754. WorkNCCL(Timeout(ms)=5000)); another rank died or stopped answering, or the ranks "
+            f"diverged; {KEPT}",
+        ),
+        (
+            RuntimeError(),
+            f"rank 0: a collective failed at step 43 (RuntimeError: ); another rank died or "
+            f"stopped answering, or the ranks diverged; {KEPT}",
+        ),
+    ],
+)
+def test_peer_failure_message_says_when_the_rank_only_waited(exc: BaseException, message: str):
+    assert peer_failure_message(exc, 0, 43, KEPT) == message
+
+
 def last_step(run_dir: Path) -> int:
     """The step ``checkpoints/last`` points at (-1 while there is none)."""
     try:
@@ -97,12 +166,26 @@ def worker_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def start(tmp_path: Path, name: str, *command: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    """``gradwise train digits-mlp --nproc 2 name=NAME ...`` in the background; its stdout and stderr go to files."""
+def start(
+    tmp_path: Path, name: str, *command: str, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``gradwise train digits-mlp --nproc 2 name=NAME ...`` in the background; its stdout and stderr go to files.
+
+    ``extra`` overrides come after ``OVERRIDES``, so they win.
+    """
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gradwise", *command, f"out_dir={tmp_path / 'runs'}", f"name={name}", *OVERRIDES],
+            [
+                sys.executable,
+                "-m",
+                "gradwise",
+                *command,
+                f"out_dir={tmp_path / 'runs'}",
+                f"name={name}",
+                *OVERRIDES,
+                *extra,
+            ],
             cwd=tmp_path,
             stdout=stdout,
             stderr=stderr,
@@ -192,6 +275,45 @@ def test_a_killed_run_resumes_with_one_process(killed: tuple[Path, int, str, int
     reference = weights(tmp_path / "whole")
     for key, tensor in weights(run_dir).items():
         torch.testing.assert_close(tensor, reference[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_killed_and_the_run_resumes(tmp_path: Path):
+    # 2 epochs (80 steps). The schema allows timeout_s=1, but joining the job waits under the same limit,
+    # and on a loaded machine one rank can start seconds after the other: 5 s keeps that from failing instead.
+    run_dir = tmp_path / "runs" / "paused"
+    extra = ("stop.epochs=2", "distributed.timeout_s=5")
+    proc, _, err = start(tmp_path, "paused", "train", "digits-mlp", "--nproc", "2", extra=extra)
+    victim = None
+    try:
+        wait_for_checkpoint(proc, run_dir, 20, err)
+        victim, survivor = worker_pid(proc.pid, 1), worker_pid(proc.pid, 0)
+        assert victim and survivor, f"a worker is gone before the stop:\n{err.read_text()[-3000:]}"
+        os.kill(victim, signal.SIGSTOP)  # alive and connected, but answering nothing: rank 0 can only time out
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if victim and alive(victim):
+            os.kill(victim, signal.SIGKILL)  # so a failure here leaves nothing stopped behind
+    stderr = err.read_text()
+    assert not alive(victim) and not alive(survivor), "the launcher left a worker behind"
+    assert status == 2, stderr
+    lines = stderr.splitlines()
+    # Rank 0's own "timed out" line, then the launcher's, which names the stopped rank: nothing else.
+    assert len(lines) <= 2 and "Traceback" not in stderr, stderr
+    assert re.fullmatch(
+        rf"gradwise: rank 1 \(pid {victim}\) stopped answering \(it was stopped, e\.g\. by SIGSTOP, and was "
+        rf"killed\); the other ranks timed out waiting for it after distributed\.timeout_s=5 s; the run directory "
+        rf"keeps its last checkpoint; continue with: gradwise resume RUN_DIR \[--nproc N\]",
+        lines[-1],
+    ), stderr
+    assert last_step(run_dir) >= 20
+    resumed = subprocess.run(
+        [sys.executable, "-m", "gradwise", "resume", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_step(run_dir) == 80
 
 
 @pytest.mark.slow

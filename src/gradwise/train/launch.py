@@ -82,7 +82,7 @@ def launch(nproc: int, command: list[str]) -> int:
 
     Returns:
         The exit status for the ``gradwise`` command: 0, the code the failed workers agree on,
-        1 when a rank died, or 130 when the launcher was interrupted.
+        1 when a rank died, 2 when a rank stopped answering, or 130 when the launcher was interrupted.
 
     Raises:
         ConfigError: ``nproc`` is smaller than 1.
@@ -112,7 +112,7 @@ def launch(nproc: int, command: list[str]) -> int:
             try:
                 launch_agent(config, sys.executable, args)
             except ChildFailedError as failed:
-                return _failure_status(failed, nproc, command, stopped.found)
+                return _failure_status(failed, nproc, command, stopped.stop())
             except SignalException as interrupted:
                 # The agent has already forwarded the signal to every worker and waited for them.
                 sig = interrupted.sigval
@@ -199,8 +199,8 @@ class _StoppedWorkers:
     """Kills, and remembers, a worker that is stopped while the job is failing around it.
 
     A stopped process cannot act on the SIGTERM torch's agent sends when another rank fails (the rank
-    that timed out waiting for it), so the agent would wait its 30 s grace before the SIGKILL, and then
-    report the stopped rank as "killed", with the rank that merely timed out first. A watcher thread
+    that timed out waiting for it), so the agent would wait its 30 s grace before the SIGKILL, and the
+    report would then blame the rank that merely timed out, being the first to fail. A watcher thread
     looks, while the job runs, for a worker stopped (``/proc`` state T or t) with a SIGTERM pending after
     some other worker has exited: the agent's teardown, which it would end with SIGKILL anyway. It sends
     that SIGKILL now (it works on a stopped process) to the worker's process group (the agent starts
@@ -209,52 +209,52 @@ class _StoppedWorkers:
     """
 
     def __init__(self, run_id: str) -> None:
+        self.found: list[StoppedRank] = []  # read through stop(), once the thread is joined
         self._run_id = run_id
-        self._ranks: dict[int, int | None] = {}  # pid -> rank, None for a child that is not one of our workers
-        self._found: list[StoppedRank] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="gradwise-stopped-workers", daemon=True)
-
-    @property
-    def found(self) -> tuple[StoppedRank, ...]:
-        return tuple(self._found)
 
     def __enter__(self) -> _StoppedWorkers:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> tuple[StoppedRank, ...]:
+        """End the watch (again is fine) and return the workers it killed."""
         self._done.set()
         self._thread.join()
+        return tuple(self.found)
 
     def _watch(self) -> None:
+        ranks: dict[int, int | None] = {}  # child pid -> its rank; None for a child that is not our worker
         while not self._done.wait(_WATCH_INTERVAL_S):
-            states = {pid: _proc_state(pid) for pid in self._workers()}
-            live = {pid for pid, state in states.items() if state not in (None, "Z")}
-            seen = {pid for pid, rank in self._ranks.items() if rank is not None}
-            if not seen - live:
-                continue  # every worker that ever started is still there: nothing is failing yet
-            for pid in sorted(live, key=lambda p: self._ranks[p] or 0):
-                if states[pid] in ("T", "t") and _sigterm_pending(pid) and pid not in {s.pid for s in self._found}:
+            for pid in _children():
+                if pid not in ranks:
+                    ranks[pid] = _worker_rank(pid, self._run_id)
+            states = {pid: (rank, _proc_state(pid)) for pid, rank in ranks.items() if rank is not None}
+            if all(state not in (None, "Z") for _, state in states.values()):
+                continue  # every worker that started is still there: nothing is failing yet
+            for pid, (rank, state) in states.items():
+                if state in ("T", "t") and _sigterm_pending(pid) and all(s.pid != pid for s in self.found):
                     try:
                         os.killpg(pid, signal.SIGKILL)
                     except ProcessLookupError:
                         continue  # it went meanwhile
-                    self._found.append(StoppedRank(rank=self._ranks[pid] or 0, pid=pid, state=states[pid] or "T"))
+                    self.found.append(StoppedRank(rank=rank, pid=pid, state=state))
 
-    def _workers(self) -> list[int]:
-        """This job's workers among this process's children (torch's agent starts them from this process)."""
-        pids: list[int] = []
-        # /proc/PID/task/TID/children (Linux >= 3.5) lists the children each thread started.
-        for children in Path("/proc/self/task").glob("*/children"):
-            try:
-                pids.extend(int(pid) for pid in children.read_text().split())
-            except OSError:
-                continue  # the thread ended meanwhile
-        for pid in pids:
-            if pid not in self._ranks:
-                self._ranks[pid] = _worker_rank(pid, self._run_id)
-        return [pid for pid in pids if self._ranks[pid] is not None]
+
+def _children() -> list[int]:
+    """This process's children: torch's agent starts the workers from it."""
+    pids: list[int] = []
+    # /proc/self/task/TID/children (Linux >= 3.5, CONFIG_PROC_CHILDREN) lists the children each thread started.
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids.extend(int(pid) for pid in children.read_text().split())
+        except OSError:
+            continue  # the thread ended meanwhile
+    return pids
 
 
 def _worker_rank(pid: int, run_id: str) -> int | None:
