@@ -28,6 +28,7 @@ from gradwise.tasks import MetricMeter, Task
 from gradwise.train.batching import gather
 from gradwise.train.device import autocast, parameter_dtype
 from gradwise.train.rng import capture_rng, restore_rng
+from gradwise.train.strategies import RunStrategy
 
 
 class HeadInputs:
@@ -331,3 +332,7 @@ def _head(model: nn.Module, what: str) -> nn.Linear:
 def _short(names: list[str], limit: int = 6) -> str:
     shown = ", ".join(names[:limit])
     return f"[{shown}{', …' if len(names) > limit else ''}]"
+
+
+# The `distill:` section of a training config, registered as a strategy (pyproject entry point).
+DISTILL_STRATEGY = RunStrategy(section="distill", attach_data=attach_teacher)

@@ -19,6 +19,7 @@ from torch import nn
 
 from gradwise.compress.prune import prunable_weights, pruned_count, smallest_mask, zhu_gupta_sparsity
 from gradwise.config import PruneConfig
+from gradwise.train.strategies import RunStrategy
 
 
 class GradualPruner:
@@ -135,3 +136,9 @@ class GradualPruner:
         self._keep = {}
         self.target = float(state["target"])
         self._apply()
+
+
+# The `prune:` section of a training config, registered as a strategy (pyproject entry point).
+PRUNE_STRATEGY = RunStrategy(
+    section="prune", after_step=lambda model, cfg, total_steps: GradualPruner(model, cfg.prune, total_steps)
+)

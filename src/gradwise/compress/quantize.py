@@ -25,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwise.config import RunConfig
 from gradwise.config.schema import QATConfig
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.store.records import compressed_weight_file
+from gradwise.train.strategies import RunStrategy
 
 QUANTIZED_FILE = "quantized.safetensors"
 ONNX_FILE = "model.onnx"
@@ -291,3 +293,11 @@ def restore_quantized(run_dir: Path, model_fp32: nn.Module, record: dict[str, An
     except RuntimeError as exc:
         raise CheckpointError(f"{file}: does not match the model ({str(exc).splitlines()[-1].strip()})") from None
     return model_fp32
+
+
+def _prepare_run_for_qat(cfg: RunConfig, model: nn.Module) -> None:
+    prepare_qat(model, cfg.qat)
+
+
+# The `qat:` section of a training config, registered as a strategy (pyproject entry point).
+QAT_STRATEGY = RunStrategy(section="qat", prepare_model=_prepare_run_for_qat)

@@ -18,6 +18,7 @@ from torch import nn
 
 from gradwise.config import OptimConfig, RunConfig
 from gradwise.errors import ConfigError, GradwiseWarning
+from gradwise.train.strategies import active_strategies
 
 
 def model_dir(cfg: RunConfig) -> Path | None:
@@ -99,10 +100,10 @@ def prepare_for_training(cfg: RunConfig, model: nn.Module) -> TrainingAdaptation
         from gradwise.finetune.neftune import attach_neftune
 
         attach_neftune(model, ft.neftune_alpha)
-    if cfg.qat is not None:
-        from gradwise.compress.quantize import prepare_qat
-
-        prepare_qat(model, cfg.qat)  # fake quantization in the forward; weights stay fp32 and keep their names
+    for strategy in active_strategies(cfg):
+        if strategy.prepare_model is not None:
+            # QAT: fake quantization in the forward; weights stay fp32 and keep their names.
+            strategy.prepare_model(cfg, model)
     if cfg.model.compile:
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     return TrainingAdaptation(optim=optim, unfreezer=unfreezer)

@@ -261,11 +261,7 @@ def _fit(
                 kept = "no checkpoint had been written yet"
             else:
                 kept = "rank 0's last checkpoint is kept"
-            raise TrainingError(
-                f"rank {ctx.rank}: a collective failed at step {counters.step + 1} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); another rank died or stopped "
-                f"answering, or the ranks diverged; {kept}"
-            ) from None
+            raise TrainingError(distributed.peer_failure_message(exc, ctx.rank, counters.step + 1, kept)) from None
         except TrainingError as exc:
             log.sync()
             kept = (

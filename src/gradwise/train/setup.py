@@ -22,6 +22,7 @@ from gradwise.train.batching import BatchPlan, EpochSampler, gather
 from gradwise.train.device import parameter_dtype, resolve_device, to_device
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
+from gradwise.train.strategies import active_strategies
 
 # Offsets keep the sampler's and the noise's generators independent of the global seed stream.
 SAMPLER_SEED_OFFSET = 1
@@ -51,7 +52,7 @@ class RunParts:
     monitor: str
     total_steps: int
     unfreezer: Any | None = None  # gradwise.finetune.freezing.GradualUnfreezer
-    pruner: Any | None = None  # gradwise.compress.gradual.GradualPruner
+    pruner: Any | None = None  # the after-step strategy (gradual pruning, registered by compress/)
 
 
 def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
@@ -102,11 +103,11 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
     """
     data, model, task, device = build_model_and_data(cfg, training=True)
     monitor = _resolve_monitor(cfg, task, model, data, device)
-    if cfg.distill is not None:
-        from gradwise.compress.distill import attach_teacher
-
-        # The teacher's outputs join the training targets once; evaluation keeps the plain labels.
-        task, data = attach_teacher(cfg, task, data, model, device)
+    strategies = active_strategies(cfg)  # compress/ plugs in by section: distill, prune, qat
+    for strategy in strategies:
+        if strategy.attach_data is not None:
+            # Distillation: the teacher's outputs join the training targets once; evaluation keeps the labels.
+            task, data = strategy.attach_data(cfg, task, data, model, device)
     mode = monitor_mode(monitor, cfg.stop.mode)
     adaptation = prepare_for_training(cfg, model)
     if fully_shard:
@@ -120,11 +121,8 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
     _check_plan(cfg, model, plan, total_steps)
-    pruner = None
-    if cfg.prune is not None:
-        from gradwise.compress.gradual import GradualPruner
-
-        pruner = GradualPruner(model, cfg.prune, total_steps)
+    step_hooks = [s.after_step(model, cfg, total_steps) for s in strategies if s.after_step is not None]
+    pruner = step_hooks[0] if step_hooks else None  # gradual pruning is the one after-step strategy today
     noise = (
         GradientNoise(cfg.noise.eta, cfg.noise.gamma, seed=cfg.seed + NOISE_SEED_OFFSET) if cfg.noise.eta > 0 else None
     )

@@ -1,0 +1,1 @@
+"""Many runs: sweeps, seed comparisons, finders, variants, evaluation and export of run directories."""

@@ -1,0 +1,1 @@
+"""The one training loop, its step, checkpoint keeping, stopping and the distributed plumbing."""
