@@ -30,11 +30,13 @@ def _parse_scalar(text: str) -> Any:
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
-        # YAML 1.1 reads "1e-3" as a string; users mean a number.
+        # YAML 1.1 reads "1e-3" as a string; users mean a number. Text that reads as no finite number
+        # ('inf', 'nan', '1e400') stays text, so a float field refuses it as typed and a str field keeps it.
         try:
-            return float(value) if not math.isnan(float(value)) else value
+            number = float(value)
         except ValueError:
             return value
+        return number if math.isfinite(number) else value
     return value
 
 
@@ -74,25 +76,58 @@ def deep_copy(raw: Any) -> Any:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a recipe file into a mapping; a missing or malformed file is a ConfigError."""
+    """Read a recipe or run file (UTF-8 YAML) into a mapping.
+
+    Raises:
+        ConfigError: One line naming the file: it is missing, a directory or unreadable, binary (a NUL
+            byte) or not UTF-8 (the byte offset and line), not valid YAML (the line), or not a mapping.
+    """
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"recipe {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path}: is a directory, not a YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror or exc})") from None
+    text = _decode(path, data)
     try:
         raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:  # a control character; PyYAML reports its position in the text
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            f"recipe {path} line {line}: unacceptable character #x{exc.character:04x} "
+            "(control characters are not allowed in YAML)"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"recipe {path}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {path}: nested too deeply to be a config") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     return raw
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """``data`` as UTF-8 text, or a ConfigError naming the file and the first offending byte."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"recipe {path}: UTF-16 text, not UTF-8; save it as UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text file holds one: an executable, an archive, UTF-16
+        raise ConfigError(f"recipe {path}: a binary file, not YAML text (NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"recipe {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line}); "
+            "save it as UTF-8"
+        ) from None
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:

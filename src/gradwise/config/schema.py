@@ -7,10 +7,11 @@ Loading, overrides and error messages live in :mod:`gradwise.config.loading`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Names shared with the registries in gradwise.optim; tests assert they agree.
 OptimizerName = Literal[
@@ -54,9 +55,27 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
+    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ``allow_inf_nan=False`` reaches every float (and int) a section declares, inside lists, tuples,
+    dict values and optional or union types alike; a free-form ``Any`` value is checked by
+    :func:`finite_values` where it holds numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def finite_values(value: Any, path: str) -> Any:
+    """``value`` unchanged, or ValueError naming the first inf/NaN float inside it (lists and mappings too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: got {value!r}; expected a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            finite_values(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            finite_values(item, f"{path}.{i}")
+    return value
 
 
 class DataConfig(Section):
@@ -177,6 +196,11 @@ class OptimConfig(Section):
     lr_multipliers: dict[str, NonNegFloat] = {}
     no_decay_bias_norm: bool = True
     extra: dict[str, Any] = {}
+
+    @field_validator("extra")
+    @classmethod
+    def _finite_extra(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        return finite_values(extra, "optim.extra")
 
     @model_validator(mode="after")
     def _check(self) -> OptimConfig:

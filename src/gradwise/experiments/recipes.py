@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from gradwise.config.loading import read_yaml
 from gradwise.errors import ConfigError
 
 # Compression recipes are read by `gradwise compress RUN_DIR NAME`; their names start with this.
@@ -35,16 +34,30 @@ def list_recipes() -> list[Recipe]:
     """Every bundled recipe, sorted by name, with the one-line description it declares."""
     found = []
     for path in sorted(recipes_dir().glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path)
         found.append(Recipe(path.stem, str(raw.get("description", "")).strip(), path))
     return found
 
 
 def find_recipe(arg: str) -> Path:
-    """``arg`` as a file path, else (a bare name, no suffix or slash) as the name of a bundled recipe."""
+    """``arg`` as a file path, else (a bare name, no suffix or slash) as the name of a bundled recipe.
+
+    Only where the file is is decided here; :func:`gradwise.config.read_yaml` reads it (and refuses a
+    binary, non-UTF-8 or non-mapping file with one line naming it).
+
+    Raises:
+        ConfigError: ``arg`` is a directory, cannot be looked at (a name too long, a parent without
+            permission), or names neither a file nor a bundled recipe.
+    """
+    if not arg.strip() or "\0" in arg:
+        raise ConfigError(f"recipe {arg!r}: not a file name")
     path = Path(arg)
-    if path.exists():
-        if path.is_dir():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as exc:
+        raise ConfigError(f"recipe {arg}: cannot read ({exc.strerror or exc})") from None
+    if exists:
+        if is_dir:
             raise ConfigError(f"recipe {arg}: is a directory, not a YAML file")
         return path
     bundled = recipes_dir() / f"{arg}.yaml"
