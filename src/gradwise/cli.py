@@ -460,6 +460,12 @@ def _consolidate(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.checkpoint == "all":
         raise ConfigError("consolidate: -o names one file; choose --checkpoint best or --checkpoint last")
+    if args.out is None:  # written into the run's own checkpoints: its one writer, and nothing through links
+        from gradwise.store import lock
+        from gradwise.store.paths import audit_for_writing
+
+        audit_for_writing(args.run_dir)
+        lock.acquire(args.run_dir)
     tags = ["last", "best"] if args.checkpoint == "all" else [args.checkpoint]
     present = [tag for tag in tags if args.checkpoint != "all" or (args.run_dir / "checkpoints" / tag).exists()]
     for tag in present or tags:  # nothing present: resolve_checkpoint names what is missing
@@ -514,13 +520,17 @@ def _compress(args: argparse.Namespace) -> int:
     from gradwise.compress.pipeline import compress_run, source_budget
     from gradwise.compress.recipe import load_compress_recipe
     from gradwise.experiments.recipes import find_recipe
+    from gradwise.store import lock
+    from gradwise.store.paths import audit_for_writing
 
     recipe = load_compress_recipe(find_recipe(args.recipe), args.overrides)
     only = [name.strip() for name in args.only.split(",")] if args.only else None
     budget = source_budget(args.run_dir, recipe)
-    results = compress_run(args.run_dir, recipe, only=only, force=args.force)
-    rows = measure_all(args.run_dir, results, recipe.measure, budget)
-    table = write_comparison(args.run_dir, rows, budget)
+    audit_for_writing(args.run_dir)  # variants are written inside the source run: no link may lead out of it
+    with lock.holding(args.run_dir / "compressed"):  # one compress of a run at a time
+        results = compress_run(args.run_dir, recipe, only=only, force=args.force)
+        rows = measure_all(args.run_dir, results, recipe.measure, budget)
+        table = write_comparison(args.run_dir, rows, budget)
     print(table.read_text(), end="")
     print(f"variants: {table.parent}/<variant>/   plot: {table.parent / 'pareto.png'}")
     return 0

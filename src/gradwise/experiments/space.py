@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from gradwise.config import RunConfig, deep_copy, describe_error, set_path
 from gradwise.errors import ConfigError
+from gradwise.store.files import read_text
 
 Kind = Literal["choice", "uniform", "loguniform", "int", "intlog"]
 RANGE_KINDS: tuple[str, ...] = ("uniform", "loguniform", "int", "intlog")
@@ -199,7 +200,7 @@ def load_space(path: Path, base_raw: dict[str, Any]) -> Space:
     """
     source = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(read_text(Path(path), what="space file"))
     except FileNotFoundError:
         raise ConfigError(f"space {source}: file not found") from None
     except yaml.YAMLError as exc:

@@ -264,7 +264,7 @@ def _loss_label(run_dir: Path, summary: dict) -> str:
     if loss not in _LOSS_NAMES:
         try:
             loss = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["task"]["loss"]
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
+        except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):  # ValueError: not UTF-8
             loss = None
     if loss not in _LOSS_NAMES:
         # loss "auto" resolves to cross-entropy for classification and MSE for regression
