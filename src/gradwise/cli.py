@@ -326,9 +326,7 @@ def _train(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
     from gradwise.errors import ConfigError
     from gradwise.experiments.recipes import COMPRESS_PREFIX, find_recipe
-    from gradwise.experiments.variants import run_variants
     from gradwise.store.rundir import check_resumable, new_run_dir
-    from gradwise.train.loop import fit
 
     if args.nproc is not None:
         return _launch(args.nproc, ["train", args.recipe, *args.overrides])
@@ -342,6 +340,10 @@ def _train(args: argparse.Namespace) -> int:
     from gradwise.train.tracking import require_extras
 
     require_extras(cfg)  # before any directory is made
+    # The loop (torch, the models) loads only once the config is known to be good: a mistake is instant.
+    from gradwise.experiments.variants import run_variants
+    from gradwise.train.loop import fit
+
     if cfg.variants:
         parent = run_variants(raw, cfg, str(recipe), recipe.stem)
         print(f"compared {len(cfg.variants)} variants: {parent}/comparison.md")
