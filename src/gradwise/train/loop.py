@@ -32,6 +32,8 @@ from gradwise.store.checkpoint import (
     load_model_state,
     load_training_state,
     load_weights_into,
+    read_manifest,
+    repair,
     resolve_checkpoint,
 )
 from gradwise.store.paths import audit_for_writing
@@ -139,6 +141,9 @@ def _writing(run_dir: Path, ctx: distributed.Distributed, counters: Counters, *,
     with run_lock.holding(run_dir):
         if resume:
             audit_for_writing(run_dir)
+            manifest = read_manifest(run_dir / "checkpoints")
+            if manifest is not None:  # links and leftovers of a writer killed mid-commit
+                repair(run_dir / "checkpoints", manifest)
         try:
             yield
         except BaseException:
