@@ -410,10 +410,10 @@ def _resume(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         from gradwise.store import lock
 
-        # This process holds the run's lock for the ranks it launches (a second resume is refused here).
-        lock.acquire(args.run_dir)
-        os.environ[lock.HELD_BY_PARENT_ENV] = str((args.run_dir / lock.LOCK_FILE).resolve())
-        return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
+        # This process holds the run's lock for the ranks it launches (a second resume is refused here),
+        # and names it to them only for the length of the job.
+        with lock.holding(args.run_dir), lock.handed_to_children(args.run_dir):
+            return _launch(args.nproc, ["resume", str(args.run_dir), *args.overrides])
     from gradwise.train import distributed
 
     ctx = distributed.current(cfg.distributed.timeout_s)

@@ -106,7 +106,11 @@ def test_fsdp_on_two_processes_follows_one_process_and_resumes_with_any_count(tm
         capture_output=True,
         text=True,
     )
-    assert failed.returncode == 2 and "incomplete" in failed.stderr and failed.stderr.count("\n") == 1
+    assert (
+        failed.returncode == 2
+        and ("incomplete" in failed.stderr or "the checkpoint is damaged" in failed.stderr)
+        and failed.stderr.count("\n") == 1
+    )
     for name in ("two-one", "one-two"):
         assert len(train_losses(runs / name)) == 120
         gradwise(tmp_path, "consolidate", str(runs / name), "--checkpoint", "last")

@@ -26,6 +26,7 @@ from gradwise.config import RunConfig, apply_overrides, deep_copy, read_yaml, se
 from gradwise.errors import ConfigError, TrainingError
 from gradwise.experiments.recipes import find_recipe
 from gradwise.experiments.variants import plot_finished_run
+from gradwise.store.checkpoint import committed_step
 from gradwise.store.files import atomic_write_text
 from gradwise.store.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
 from gradwise.train.loop import fit
@@ -201,7 +202,7 @@ def run_or_read(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     summary = read_summary(run_dir) if (run_dir / SUMMARY_FILE).is_file() else None
     if summary is not None and summary.get("status") != "interrupted":
         return summary
-    resume = (run_dir / "checkpoints" / "last").is_dir()
+    resume = committed_step(run_dir, "last") is not None or (run_dir / "checkpoints" / "last").is_dir()
     if not resume and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()  # killed before its first checkpoint: nothing to resume from
     try:

@@ -140,11 +140,13 @@ def read_manifest(root: Path) -> Manifest | None:
     for tag, name in tags.items():
         if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name) or not isinstance(files.get(name), dict):
             raise CheckpointError(f"{file}: tag {tag!r} names {name!r}, not a checkpoint of this run")
-        if not isinstance(steps.get(tag), int):
+        if not isinstance(steps.get(tag), int) or isinstance(steps.get(tag), bool):
             raise CheckpointError(f"{file}: tag {tag!r} has no step")
-        for relative in files[name]:
+        for relative, described in files[name].items():
             if not isinstance(relative, str) or relative.startswith("/") or ".." in Path(relative).parts:
                 raise CheckpointError(f"{file}: file {relative!r} of {name} must be a relative path inside it")
+            if not isinstance(described, dict):
+                raise CheckpointError(f"{file}: file {relative!r} of {name} has no size and digest")
     return Manifest(tags=dict(tags), steps=dict(steps), files={k: files[k] for k in set(tags.values())})
 
 

@@ -81,6 +81,20 @@ def holding(run_dir: Path) -> Iterator[None]:
             release(run_dir)
 
 
+@contextmanager
+def handed_to_children(run_dir: Path) -> Iterator[None]:
+    """Tell the processes started in the block (the ranks of ``--nproc``) that this process holds the lock."""
+    before = os.environ.get(HELD_BY_PARENT_ENV)
+    os.environ[HELD_BY_PARENT_ENV] = str(_key(run_dir))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HELD_BY_PARENT_ENV, None)
+        else:
+            os.environ[HELD_BY_PARENT_ENV] = before
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

@@ -58,8 +58,7 @@ def audit_for_writing(run_dir: Path) -> None:
     Raises:
         CheckpointError: naming the first offending link and where it points.
     """
-    if run_dir.is_symlink():
-        return  # the user named a link to their run directory: its contents are what is audited
+    # A run directory named through a link is fine (os.walk lists its target); links inside it are not.
     for parent, dirs, files in os.walk(run_dir, followlinks=False):
         base = Path(parent)
         for name in [*dirs, *files]:

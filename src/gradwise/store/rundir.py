@@ -83,6 +83,17 @@ def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
 _UNSTARTED_FILES = {CONFIG_FILE, METRICS_FILE, "data_info.json", "tokenizer", ".lock", "plots", "tensorboard"}
 
 
+def clear_for_new_run(run_dir: Path) -> None:
+    """Remove an earlier attempt's checkpoints and metrics from a directory a new run trains into.
+
+    Callers that retrain a directory from scratch (a compare seed or a compress step whose first attempt
+    was killed) must not have the old attempt's committed checkpoints reused as the new run's.
+    """
+    if (run_dir / "checkpoints").is_dir() and not (run_dir / "checkpoints").is_symlink():
+        shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
 def discard_unstarted_run(run_dir: Path) -> bool:
     """Remove a run directory that never reached its first step; False (and nothing removed) if it holds more.
 
@@ -293,6 +304,22 @@ def _differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, A
     return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
+def _copy_checkpoint(source: Path, root: Path) -> str:
+    """Copy a checkpoint directory into ``root`` as a staged one: under a temporary name, fsynced, renamed."""
+    from gradwise.store.checkpoint import move_into_place
+    from gradwise.store.files import fsync_dir, fsync_file
+
+    tmp = root / f".tmp-{source.name}-{os.getpid()}"
+    shutil.copytree(source, tmp)  # files, not links: a verified checkpoint holds none
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+        elif path.is_dir():
+            fsync_dir(path)
+    move_into_place(tmp, root / source.name)
+    return source.name
+
+
 def branched_at(run_dir: Path) -> int | None:
     """The step a branched run started from (its ``lineage.json``), or None for a run that is no branch."""
     file = run_dir / LINEAGE_FILE
@@ -340,30 +367,30 @@ def branch_run(parent: Path, tag: str, cfg: RunConfig, default_name: str) -> Pat
     steps = manifest.steps if manifest is not None else {}
     step = steps.get(tag, int(ckpt.name.split("-")[1]))
     target = new_run_dir(cfg.model_copy(update={"name": cfg.name if "name" in changes else None}), default_name)
+    lineage = {
+        "parent": str(parent.resolve()),
+        "checkpoint": tag,
+        "step": step,
+        "changes": {path: {"from": old, "to": new} for path, (old, new) in sorted(changes.items())},
+    }
     with run_lock.holding(target):
-        root = target / "checkpoints"
-        root.mkdir()
-        tags = {"last": (ckpt.name, step)}
-        shutil.copytree(ckpt, root / ckpt.name, symlinks=True)
-        best = parent / "checkpoints" / "best"
-        if tag == "last" and (best.is_symlink() or best.exists()):
-            best_dir = resolve_checkpoint(parent, "best")
-            if best_dir.name != ckpt.name:
-                shutil.copytree(best_dir, root / best_dir.name, symlinks=True)
-            tags["best"] = (best_dir.name, steps.get("best", int(best_dir.name.split("-")[1])))
-        elif tag == "best":
-            tags["best"] = (ckpt.name, step)
-        commit(root, tags)
+        # The config and lineage first, the commit last: a branch killed halfway is a run that never started.
+        write_config(target, cfg.model_copy(update={"name": target.name, "out_dir": target.parent}))
+        atomic_write_text(target / LINEAGE_FILE, json.dumps(lineage, indent=1) + "\n")
         for name in (METRICS_FILE, DATA_INFO_FILE):
             if (parent / name).is_file():
                 copy_file_into(parent / name, target / name)
         copy_tree_into(parent / TOKENIZER_DIR, target / TOKENIZER_DIR)
-        write_config(target, cfg.model_copy(update={"name": target.name, "out_dir": target.parent}))
-        lineage = {
-            "parent": str(parent.resolve()),
-            "checkpoint": tag,
-            "step": step,
-            "changes": {path: {"from": old, "to": new} for path, (old, new) in sorted(changes.items())},
-        }
-        atomic_write_text(target / LINEAGE_FILE, json.dumps(lineage, indent=1) + "\n")
+        root = target / "checkpoints"
+        root.mkdir()
+        tags = {"last": (_copy_checkpoint(ckpt, root), step)}
+        if tag == "best":
+            tags["best"] = tags["last"]
+        elif manifest is None or "best" in manifest.tags:  # the best the copied stopper state refers to
+            best = parent / "checkpoints" / "best"
+            if manifest is not None or best.is_symlink():
+                best_dir = resolve_checkpoint(parent, "best")
+                name = best_dir.name if best_dir.name == ckpt.name else _copy_checkpoint(best_dir, root)
+                tags["best"] = (name, steps.get("best", int(best_dir.name.split("-")[1])))
+        commit(root, tags)
     return target

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gradwise.errors import CheckpointError
+from gradwise.errors import CheckpointError, StorageError
 from gradwise.store.checkpoint import (
     STATE_FILE,
     checkpoint_name,
@@ -71,6 +71,13 @@ SHARD_REF = "__shard__"
 SHARD_FILE_BYTES = 64 * 2**20
 # DCP says this whenever it runs without a process group, which one-process runs and consolidation do on purpose.
 _SINGLE_PROCESS_NOTICE = ".*assuming the intent is to (save|load) in a single process.*"
+
+
+def _dcp_failure() -> type[BaseException]:
+    """DCP's CheckpointException: a BaseException, not an Exception, so it must be named to be caught."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -123,9 +130,15 @@ class ShardedCheckpointFiles:
             rest["optimizer"] = _shard_references(rest["optimizer"], shards)
         files = _file_plan(shards, ctx.world)
         writer = HuggingFaceStorageWriter(str(tmp / SHARDS_DIR), fqn_to_index_mapping=files, save_distributed=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
-            dcp.save(shards, storage_writer=writer, no_dist=not ctx.active)  # returns once every rank has written
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
+                dcp.save(shards, storage_writer=writer, no_dist=not ctx.active)  # returns once every rank has written
+        except (OSError, _dcp_failure()) as exc:  # a full disk on any rank arrives as DCP's CheckpointException
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            first_line = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise StorageError(f"{tmp}: could not write the shards of checkpoint {name} ({first_line})") from None
         if ctx.is_main:
             write_state_files(tmp, rest)
             _write_manifest(tmp, shards)
@@ -340,7 +353,7 @@ def _read_shards(ckpt: Path, targets: dict[str, torch.Tensor], *, no_dist: bool)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_NOTICE)
             dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(shards)), no_dist=no_dist)
-    except Exception as exc:  # DCP wraps every rank's failure in a CheckpointException
+    except (Exception, _dcp_failure()) as exc:  # DCP wraps every rank's failure in a CheckpointException
         first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise CheckpointError(f"{shards}: unreadable ({type(exc).__name__}: {first_line})") from None
 

@@ -42,6 +42,7 @@ from gradwise.store.rundir import (
     CONFIG_FILE,
     MetricsLog,
     branched_at,
+    clear_for_new_run,
     discard_unstarted_run,
     read_metrics,
     write_config,
@@ -139,11 +140,16 @@ def _writing(run_dir: Path, ctx: distributed.Distributed, counters: Counters, *,
         return
     fresh = not resume and not (run_dir / CONFIG_FILE).exists()
     with run_lock.holding(run_dir):
-        if resume:
+        if run_dir.exists():
             audit_for_writing(run_dir)
+        if resume:
             manifest = read_manifest(run_dir / "checkpoints")
             if manifest is not None:  # links and leftovers of a writer killed mid-commit
                 repair(run_dir / "checkpoints", manifest)
+        else:
+            # A new run inherits nothing: an earlier attempt's checkpoints (a compare or compress step
+            # killed before it finished) would otherwise be reused as this run's own.
+            clear_for_new_run(run_dir)
         try:
             yield
         except BaseException:
@@ -491,9 +497,10 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distribute
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     """Each param group's configured hyperparameters: ``base_lr`` and the optimizer's declared ``defaults`` keys."""
-    declared = (set(getattr(optimizer, "defaults", {})) | {"base_lr"}) - set(
-        getattr(optimizer, "stateful_group_keys", ())
-    )
+    # A composite (Muon + AdamW) declares its hyperparameters in the torch optimizers it holds.
+    inner = getattr(optimizer, "inner_optimizers", (optimizer,))
+    declared = set().union(*(getattr(o, "defaults", {}) for o in (optimizer, *inner))) | {"base_lr"}
+    declared -= set(getattr(optimizer, "stateful_group_keys", ()))
     return [{k: v for k, v in group.items() if k in declared} for group in optimizer.param_groups]
 
 
