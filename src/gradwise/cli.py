@@ -400,6 +400,9 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
     if args.from_checkpoint is not None:
         from gradwise.store.rundir import branch_run
+        from gradwise.train.tracking import require_extras
+
+        require_extras(cfg)  # before the branch's directory is made
 
         parent = args.run_dir
         args.run_dir = branch_run(parent, args.from_checkpoint, cfg, f"{parent.name}-branch")

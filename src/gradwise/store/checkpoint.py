@@ -42,7 +42,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gradwise.errors import CheckpointError
+from gradwise.errors import CheckpointError, StorageError
 from gradwise.store.files import atomic_write_text, fsync_dir, fsync_file, read_text, storage_error
 from gradwise.store.paths import CHECKPOINT_NAME, TAG_LINKS, checkpoint_link_target
 
@@ -314,8 +314,8 @@ def stage_checkpoint(
             raise
     except OSError as exc:
         raise storage_error(exc, root, f"checkpoint {name}") from None
-    except SafetensorError as exc:  # safetensors reports a failed write (ENOSPC) as its own error type
-        raise CheckpointError(f"{root}: could not write checkpoint {name} ({exc})") from None
+    except SafetensorError as exc:  # safetensors reports a failed write (ENOSPC, EFBIG) as its own error type
+        raise StorageError(f"{root / name}: could not write the checkpoint ({exc})") from None
     return name
 
 
@@ -364,6 +364,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     except OSError as exc:
         _remove(tmp)
         raise storage_error(exc, path) from None
+    except SafetensorError as exc:
+        _remove(tmp)
+        raise StorageError(f"{path}: could not write ({exc})") from None
 
 
 # --------------------------------------------------------------------------- load

@@ -320,16 +320,17 @@ def _copy_checkpoint(source: Path, root: Path) -> str:
     return source.name
 
 
-def branched_at(run_dir: Path) -> int | None:
-    """The step a branched run started from (its ``lineage.json``), or None for a run that is no branch."""
+def branched_at(run_dir: Path) -> tuple[int, set[str]] | None:
+    """The step a branched run started from and the config paths it changed (``lineage.json``); None if no branch."""
     file = run_dir / LINEAGE_FILE
     if not file.is_file():
         return None
     try:
-        step = json.loads(read_text(file, what="lineage file")).get("step")
-    except (json.JSONDecodeError, AttributeError) as exc:
+        lineage = json.loads(read_text(file, what="lineage file"))
+        step, changes = lineage.get("step"), set(lineage.get("changes", {}))
+    except (json.JSONDecodeError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"{file}: corrupt ({exc})") from None
-    return step if isinstance(step, int) else None
+    return (step, changes) if isinstance(step, int) else None
 
 
 def branch_run(parent: Path, tag: str, cfg: RunConfig, default_name: str) -> Path:

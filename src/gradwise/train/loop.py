@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from gradwise.config import RunConfig
-from gradwise.errors import CheckpointError, StorageError, TrainingError
+from gradwise.errors import CheckpointError, GradwiseWarning, StorageError, TrainingError
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
 from gradwise.store import lock as run_lock
@@ -487,11 +488,21 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distribute
     else:
         load_weights_into(parts.model, load_model_state(ckpt), ckpt)
         state = load_training_state(ckpt)
+    branch = branched_at(run_dir)
+    at_branch_point = branch is not None and branch[0] == int(state.get("counters", {}).get("step", -1))
+    if at_branch_point and "optim.name" in branch[1]:
+        # Another optimizer: the parent's moments mean nothing to it; it starts from the weights alone.
+        warnings.warn(
+            f"{run_dir}: optim.name changed in this branch; the optimizer state starts fresh",
+            GradwiseWarning,
+            stacklevel=2,
+        )
+        state = {k: v for k, v in state.items() if k != "optimizer"}
     try:
         _load_state(parts, counters, state)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: training state does not match this run ({type(exc).__name__}: {exc})") from None
-    if branched_at(run_dir) == counters.step:  # the first steps of a branch: its new optimization applies
+    if at_branch_point:  # the first steps of a branch: its new optimization applies
         _reapply_hyperparameters(parts.optimizer, configured)
 
 
