@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gradwise.compress.runs import load_run_model
@@ -33,7 +34,7 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
         if saved.finetune.lora is None:
             raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
     out = out or run_dir / "export"
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents or out.is_symlink():
+    if _within(out, run_dir) or out.is_symlink():
         audit_for_writing(run_dir)
         if out.is_symlink():
             raise CheckpointError(f"{out}: a symbolic link; gradwise never writes through links")
@@ -54,6 +55,14 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
     save_tensors(out / "model.safetensors", model.state_dict(), metadata={"source": str(run_dir), "merged": str(merge)})
     _copy_extras(run_dir, out, cfg)
     return out
+
+
+def _within(path: Path, run_dir: Path) -> bool:
+    """Whether ``path`` lies in ``run_dir`` as written (``RUN/plots/x``, even where ``plots`` is a link) or resolved."""
+    for a, b in ((Path(os.path.abspath(path)), Path(os.path.abspath(run_dir))), (path.resolve(), run_dir.resolve())):
+        if a == b or b in a.parents:
+            return True
+    return False
 
 
 def _export_quantized(run_dir: Path, out: Path) -> bool:

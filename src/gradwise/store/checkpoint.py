@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from gradwise.errors import CheckpointError, StorageError
 from gradwise.store.files import atomic_write_text, fsync_dir, fsync_file, read_text, storage_error
-from gradwise.store.paths import CHECKPOINT_NAME, TAG_LINKS, checkpoint_link_target
+from gradwise.store.paths import CHECKPOINT_NAME, TAG_LINKS, checkpoint_link_target, inside
 
 MODEL_FILE = "model.safetensors"
 TENSORS_FILE = "state.safetensors"
@@ -247,6 +247,7 @@ def verify(directory: Path, described: Mapping[str, Mapping[str, Any]]) -> None:
         path = directory / relative
         if path.is_symlink():
             raise CheckpointError(f"{path}: a symbolic link; checkpoint files are never read through links")
+        inside(directory, relative, source=directory.parent / MANIFEST_FILE)  # nor through a linked directory
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; the checkpoint is damaged")
         size = path.stat().st_size
@@ -396,6 +397,9 @@ def resolve_checkpoint(run_dir: Path, tag: str) -> Path:
         path = root / checkpoint_link_target(link)
         if not path.is_dir() or path.is_symlink():
             raise CheckpointError(f"{link}: points to a missing checkpoint")
+        planted = next((p for p in path.rglob("*") if p.is_symlink()), None)  # no manifest lists its files
+        if planted is not None:
+            raise CheckpointError(f"{planted}: a symbolic link; checkpoint files are never read through links")
         return path
     raise CheckpointError(f"{link}: not a link to a checkpoint (a run directory written by another tool?)")
 

@@ -29,7 +29,9 @@ _held: dict[Path, int] = {}  # lock file (resolved) -> descriptor, for the life 
 
 
 def _key(run_dir: Path) -> Path:
-    return (run_dir / LOCK_FILE).resolve()
+    # The directory is resolved, never the lock file: a `.lock` planted as a link must be refused (O_NOFOLLOW),
+    # not followed to a file outside the run that would then be truncated.
+    return run_dir.resolve() / LOCK_FILE
 
 
 def acquire(run_dir: Path) -> bool:

@@ -9,8 +9,9 @@ elsewhere. Two rules enforce it:
   resolves under the run root);
 * before a process writes into an existing run directory it calls
   :func:`audit_for_writing`, which refuses any symlink in the tree except the
-  checkpoint tags ``checkpoints/last`` and ``checkpoints/best``, whose target
-  must be the plain name of a sibling checkpoint directory.
+  checkpoint tags ``last`` and ``best`` of a ``checkpoints/`` directory (the
+  run's, or a compressed variant's), whose target must be the plain name of a
+  sibling checkpoint directory.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def audit_for_writing(run_dir: Path) -> None:
             path = base / name
             if not path.is_symlink():
                 continue
-            if base.name == "checkpoints" and base.parent == run_dir and name in TAG_LINKS:
+            # Any checkpoints/ of the tree: the run's own, and those of the variant runs that
+            # `gradwise compress` writes under RUN/compressed/. A plain sibling name cannot lead out.
+            if base.name == "checkpoints" and name in TAG_LINKS:
                 checkpoint_link_target(path)
                 continue
             if base.name == "checkpoints" and name.startswith(".") and ".tmp-" in name:
