@@ -342,6 +342,7 @@ def _train(args: argparse.Namespace) -> int:
     require_extras(cfg)  # before any directory is made
     # The loop (torch, the models) loads only once the config is known to be good: a mistake is instant.
     from gradwise.experiments.variants import run_variants
+    from gradwise.report.hooks import plotting_hooks
     from gradwise.train.loop import fit
 
     if cfg.variants:
@@ -355,21 +356,13 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.resume is not None:
         run_dir = cfg.resume
         check_resumable(run_dir, cfg)
-        summary = fit(cfg, run_dir, resume=True)
+        summary = fit(cfg, run_dir, resume=True, hooks=plotting_hooks(cfg.log.plots))
     else:
         # Every rank trains into the directory rank 0 named (timestamps differ between processes).
         run_dir = ctx.broadcast(new_run_dir(cfg, recipe.stem) if ctx.is_main else None)
-        summary = fit(cfg, run_dir)
-    _plot(run_dir, cfg.log.plots and ctx.is_main)
+        summary = fit(cfg, run_dir, hooks=plotting_hooks(cfg.log.plots))
     _leave(ctx)
     return _report_run(run_dir, summary) if ctx.is_main else 0
-
-
-def _plot(run_dir: Path, enabled: bool) -> None:
-    if enabled:
-        from gradwise.report.plots import plot_finished_run  # matplotlib loads only when plotting
-
-        plot_finished_run(run_dir)
 
 
 def _leave(ctx: Any) -> None:
@@ -391,6 +384,7 @@ def _launch(nproc: int, command: list[str]) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from gradwise.config import apply_overrides, read_yaml, validate
     from gradwise.errors import CheckpointError
+    from gradwise.report.hooks import plotting_hooks
     from gradwise.store.rundir import CONFIG_FILE, check_resumable
     from gradwise.train.loop import fit
 
@@ -420,8 +414,7 @@ def _resume(args: argparse.Namespace) -> int:
     from gradwise.train import distributed
 
     ctx = distributed.current(cfg.distributed.timeout_s)
-    summary = fit(cfg, args.run_dir, resume=True)
-    _plot(args.run_dir, cfg.log.plots and ctx.is_main)
+    summary = fit(cfg, args.run_dir, resume=True, hooks=plotting_hooks(cfg.log.plots))
     _leave(ctx)
     return _report_run(args.run_dir, summary) if ctx.is_main else 0
 
@@ -469,8 +462,8 @@ def _consolidate(args: argparse.Namespace) -> int:
         from gradwise.store import lock
         from gradwise.store.paths import audit_for_writing
 
-        audit_for_writing(args.run_dir)
         lock.acquire(args.run_dir)
+        audit_for_writing(args.run_dir)
     tags = ["last", "best"] if args.checkpoint == "all" else [args.checkpoint]
     present = [tag for tag in tags if args.checkpoint != "all" or (args.run_dir / "checkpoints" / tag).exists()]
     for tag in present or tags:  # nothing present: resolve_checkpoint names what is missing

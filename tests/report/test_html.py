@@ -21,6 +21,7 @@ from gradwise.compress.recipe import CompressRecipe
 from gradwise.config import validate
 from gradwise.errors import ConfigError
 from gradwise.experiments.variants import run_variants
+from gradwise.report.hooks import plotting_hooks
 from gradwise.report.html import json_table, markdown_to_html, write_report
 from gradwise.report.plots import _figure, _save
 from gradwise.train.loop import fit
@@ -127,7 +128,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real run (compressed two ways), a real variants parent, and a sweep and a compare directory."""
     root = tmp_path_factory.mktemp("report")
     run = root / "digits-mlp"
-    fit(validate(RUN), run)
+    fit(validate(RUN), run, hooks=plotting_hooks(True))
     plan = CompressRecipe.model_validate(
         {
             "budget": {"max_drop": 0.03},

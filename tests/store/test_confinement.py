@@ -344,10 +344,6 @@ def test_variant_tag_links_pass_the_audit_but_no_other_link_does(base_runs: dict
         audit_for_writing(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report/ draws a run's missing plots through a planted RUN/plots link (report.plots.write_run_plots)",
-)
 def test_report_draws_no_plots_through_a_planted_link(
     base_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):

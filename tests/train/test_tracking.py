@@ -10,6 +10,7 @@ import pytest
 from gradwise.config import read_yaml, validate
 from gradwise.errors import ConfigError
 from gradwise.experiments.recipes import find_recipe
+from gradwise.report.hooks import plotting_hooks
 from gradwise.store.rundir import read_metrics
 from gradwise.train.loop import fit
 from gradwise.train.tracking import MLFLOW_RUN_ID_FILE, experiment_name, flatten_config, scalars
@@ -67,7 +68,7 @@ def test_tensorboard_and_mlflow_receive_the_run(tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
-    summary = fit(config(tmp_path, tensorboard=True, mlflow="local"), run_dir)
+    summary = fit(config(tmp_path, tensorboard=True, mlflow="local"), run_dir, hooks=plotting_hooks(True))
     want = expected(run_dir)
     assert {"train/loss", "train/lr", "train/batch_size", "eval/val_accuracy", "eval/val_loss"} <= set(want)
 

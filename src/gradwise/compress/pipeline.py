@@ -29,6 +29,7 @@ from gradwise.compress.runs import load_run_model
 from gradwise.compress.variant import finish_model_run, start_model_run
 from gradwise.config import RunConfig, deep_copy, monitor_mode, set_path, validate
 from gradwise.errors import CheckpointError, ConfigError
+from gradwise.report.hooks import plotting_hooks
 from gradwise.store.records import read_compression, write_compression
 from gradwise.store.rundir import CONFIG_FILE, read_summary
 from gradwise.train.batching import gather
@@ -341,9 +342,5 @@ def _train(raw: dict[str, Any], step: Step, out: Path, name: str, *, init_from: 
     raw["out_dir"] = str(out.parent)
     cfg = validate(raw, source=f"compress step {name} (train: overrides)")
     out.mkdir(parents=True, exist_ok=True)
-    fit(cfg, out)
-    if cfg.log.plots:
-        from gradwise.report.plots import plot_finished_run  # matplotlib loads only when plotting
-
-        plot_finished_run(out)
+    fit(cfg, out, hooks=plotting_hooks(cfg.log.plots))
     return cfg

@@ -25,7 +25,7 @@ import numpy as np
 from gradwise.config import RunConfig, apply_overrides, deep_copy, read_yaml, set_path, validate
 from gradwise.errors import ConfigError, TrainingError
 from gradwise.experiments.recipes import find_recipe
-from gradwise.experiments.variants import plot_finished_run
+from gradwise.report.hooks import plotting_hooks
 from gradwise.store.checkpoint import committed_step
 from gradwise.store.files import atomic_write_text
 from gradwise.store.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics, read_summary
@@ -206,9 +206,7 @@ def run_or_read(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     if not resume and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()  # killed before its first checkpoint: nothing to resume from
     try:
-        summary = fit(cfg, run_dir, resume=resume)
-        plot_finished_run(run_dir, cfg.log.plots)
-        return summary
+        return fit(cfg, run_dir, resume=resume, hooks=plotting_hooks(cfg.log.plots))
     except TrainingError:
         return read_summary(run_dir)
 

@@ -13,15 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from gradwise.config import RunConfig, deep_copy, set_path, validate
+from gradwise.report.hooks import plotting_hooks
 from gradwise.store.files import atomic_write_text
 from gradwise.store.rundir import new_run_dir
 from gradwise.train.loop import fit
-
-
-def plot_finished_run(run_dir: Path, enabled: bool) -> None:
-    from gradwise.report.plots import plot_finished_run as plot  # matplotlib loads only when plotting
-
-    plot(run_dir, enabled)
 
 
 def variant_configs(raw: dict[str, Any], source: str) -> dict[str, RunConfig]:
@@ -46,8 +41,7 @@ def run_variants(raw: dict[str, Any], cfg: RunConfig, source: str, default_name:
         variant = variant.model_copy(update={"out_dir": parent, "name": label})
         run_dir = parent / label
         run_dir.mkdir(parents=True, exist_ok=True)
-        summaries[label] = fit(variant, run_dir)
-        plot_finished_run(run_dir, variant.log.plots)
+        summaries[label] = fit(variant, run_dir, hooks=plotting_hooks(variant.log.plots))
     write_comparison(parent, summaries)
     return parent
 

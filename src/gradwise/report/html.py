@@ -193,6 +193,8 @@ def _metrics_table(summary: dict[str, Any]) -> str:
 
 def _run_figures(run_dir: Path) -> str:
     plots = run_dir / "plots"
+    if plots.is_symlink():  # a shared run directory is untrusted: never drawn into, nor read, through a link
+        return f"<p class=note>{_e(plots)} is a symbolic link; its plots are neither drawn nor shown.</p>"
     note = ""
     standard = [plots / name for name in _RUN_PLOTS]
     drawn = [p for p in standard if p.is_file()]

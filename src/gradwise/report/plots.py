@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradwise.config import monitor_mode
+from gradwise.errors import CheckpointError
 from gradwise.store.rundir import read_metrics
 
 DPI = 110
@@ -65,6 +66,8 @@ def write_run_plots(run_dir: Path) -> list[Path]:
         The paths written, in the order above.
     """
     run_dir = Path(run_dir)
+    if (run_dir / "plots").is_symlink():
+        raise CheckpointError(f"{run_dir / 'plots'}: a symbolic link; gradwise never writes through links")
     train, evals = read_metrics(run_dir)
     summary = _read_summary(run_dir)
     name = str(summary.get("name") or run_dir.name)

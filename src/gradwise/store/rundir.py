@@ -59,6 +59,11 @@ def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
                 raise CheckpointError(f"{path}: exists and is not a run directory; pick another name or out_dir")
             if path.is_dir() and any(path.iterdir()):
                 if (path / "checkpoints").exists() or (path / SUMMARY_FILE).exists():
+                    if not _has_commit(path / "checkpoints") and not (path / SUMMARY_FILE).exists():
+                        raise CheckpointError(
+                            f"{path}: a run of this name stopped before its first checkpoint (nothing to resume); "
+                            "remove it or pick another name"
+                        )
                     raise CheckpointError(
                         f"{path}: a run with this name exists; resume it with resume={path} or pick a name"
                     )
@@ -77,6 +82,11 @@ def new_run_dir(cfg: RunConfig, default_name: str) -> Path:
     except OSError as exc:
         raise storage_error(exc, exc.filename or cfg.out_dir) from None
     return path
+
+
+def _has_commit(root: Path) -> bool:
+    """Whether a ``checkpoints/`` directory holds a committed checkpoint (a manifest, or an old run's links)."""
+    return (root / "manifest.json").is_file() or any((root / tag).is_symlink() for tag in ("last", "best"))
 
 
 # What a run writes before its first step; a directory holding only these never trained.

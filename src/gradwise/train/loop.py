@@ -89,11 +89,14 @@ class FitHooks:
     ``after_step(step, loss)`` runs after every optimizer step (the LR finder stops
     a diverging range test); ``after_eval(step, val_metrics)`` after every
     evaluation, and its reason stops the run through the early stopper, like
-    patience would (a sweep's pruner ends a weak trial).
+    patience would (a sweep's pruner ends a weak trial). ``finished(run_dir)`` runs on rank 0
+    once the summary is written and before the trackers close, so what it draws (the report
+    layer's plots) reaches them too.
     """
 
     after_step: Callable[[int, float], str | None] | None = None
     after_eval: Callable[[int, dict[str, float]], str | None] | None = None
+    finished: Callable[[Path], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,8 @@ def _fit(
 
     counters.elapsed_s = time.perf_counter() - started
     summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx)
+    if ctx.is_main and hooks is not None and hooks.finished is not None:
+        hooks.finished(run_dir)
     for tracker in trackers:
         tracker.finish(summary, run_dir)
     reporter.note(_final_line(summary))
