@@ -4,7 +4,7 @@ Before = commit 6439e8c's ``gradwise.train.checkpoint``: the step directory
 written under a temporary name, every file fsynced, renamed, then the
 ``last``/``best`` links swapped and unreferenced directories pruned. After =
 the current ``gradwise.store.checkpoint``: the same staging, then every file
-of the named checkpoints measured and hashed with SHA-256 into
+of the named checkpoints measured and hashed (xxh3-128; SHA-256 until the first measurement below) into
 ``manifest.json``, which is fsynced and renamed (the commit point); then the
 links are re-pointed and the rest pruned. The old module is imported from a
 git worktree of 6439e8c (made under /tmp and removed at the end unless

@@ -235,7 +235,7 @@ CASES: dict[str, tuple[str, Craft, list[tuple[list[str], int, str]]]] = {
     "manifest-file-climbs-out": (
         "plain",
         lambda run, watched: edit_manifest(
-            run, lambda m: next(iter(m["files"].values())).update({"../../x": {"bytes": 1, "sha256": "0"}})
+            run, lambda m: next(iter(m["files"].values())).update({"../../x": {"bytes": 1, "xxh3_128": "0"}})
         ),
         [
             (["eval", "RUN"], REFUSED, "must be a relative path inside it"),

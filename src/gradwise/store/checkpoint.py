@@ -14,7 +14,7 @@ in place of ``model.safetensors``.
 
 The commit protocol. Checkpoint directories are *staged*: written under a
 temporary name, every file fsynced, renamed into place. Then the manifest —
-which checkpoint each tag names, at which step, and the size and SHA-256 of
+which checkpoint each tag names, at which step, and the size and xxh3-128 digest of
 every file of those checkpoints — is written to a temporary file, fsynced
 and renamed over ``manifest.json``: that rename is the single commit point.
 ``last`` and ``best`` are committed together, so they can never disagree
@@ -29,7 +29,6 @@ manifest existed load through their links.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -52,6 +52,7 @@ STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 8 * 2**20
+DIGEST = "xxh3_128"  # the manifest's per-file digest
 
 
 # --------------------------------------------------------------------------- nested state <-> (json, tensors)
@@ -105,7 +106,7 @@ class Manifest:
     Attributes:
         tags: Tag (``last``, ``best``) → checkpoint directory name.
         steps: Tag → the optimizer step of its checkpoint.
-        files: Checkpoint directory name → relative file path → ``{"bytes": n, "sha256": hex}``.
+        files: Checkpoint directory name → relative file path → ``{"bytes": n, "xxh3_128": hex}``.
     """
 
     tags: dict[str, str] = field(default_factory=dict)
@@ -223,15 +224,20 @@ def _describe_files(directory: Path) -> dict[str, dict[str, Any]]:
     described: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and not path.is_symlink():
-            described[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            described[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, DIGEST: _digest(path)}
     return described
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _digest(path: Path) -> str:
+    # xxh3-128, not SHA-256: the digest catches torn, truncated, bit-rotted or half-copied files; whoever can
+    # alter a file can rewrite the manifest too, so a cryptographic hash buys nothing here and cost a 51M GPT
+    # save 0.5 s (measured: 583 MB in 0.12 s vs 0.48 s, benchmarks/RESULTS.md).
+    digest = xxhash.xxh3_128()
+    buffer = bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -253,8 +259,8 @@ def verify(directory: Path, described: Mapping[str, Mapping[str, Any]]) -> None:
         size = path.stat().st_size
         if size != expected.get("bytes"):
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected.get('bytes')}; damaged")
-        if _sha256(path) != expected.get("sha256"):
-            raise CheckpointError(f"{path}: contents differ from the manifest's SHA-256; damaged or altered")
+        if _digest(path) != expected.get(DIGEST):
+            raise CheckpointError(f"{path}: contents differ from the manifest's digest; damaged or altered")
 
 
 def _point_link(link: Path, target_name: str) -> None:
