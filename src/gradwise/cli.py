@@ -393,7 +393,7 @@ def _resume(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
     if args.from_checkpoint is not None:
-        from gradwise.store.rundir import branch_run
+        from gradwise.store.branch import branch_run
         from gradwise.train.tracking import require_extras
 
         require_extras(cfg)  # before the branch's directory is made

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradwise.config import OptimConfig
@@ -120,3 +121,25 @@ def _check_patterns(patterns: dict[str, float], names: list[str]) -> None:
             raise ConfigError(
                 f"optim.lr_multipliers: pattern {pattern!r} matches no parameter (names look like: {sample})"
             )
+
+
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's configured hyperparameters: ``base_lr`` and the optimizer's declared ``defaults`` keys."""
+    # A composite (Muon + AdamW) declares its hyperparameters in the torch optimizers it holds.
+    inner = getattr(optimizer, "inner_optimizers", (optimizer,))
+    declared = set().union(*(getattr(o, "defaults", {}) for o in (optimizer, *inner))) | {"base_lr"}
+    declared -= set(getattr(optimizer, "stateful_group_keys", ()))
+    return [{k: v for k, v in group.items() if k in declared} for group in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> None:
+    """Put ``configured`` (taken before ``load_state_dict``) back over the loaded groups' values.
+
+    ``load_state_dict`` restores the saved groups' lr, betas, momentum…; a run branched from a checkpoint
+    with ``optim.lr=...`` must train with the new values. State an optimizer keeps in its groups (the
+    adaptive rule's running sum, named in its ``stateful_group_keys``) stays as saved.
+    """
+    if len(configured) != len(optimizer.param_groups):
+        return
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)

@@ -6,7 +6,7 @@
     config.yaml      the resolved config                                   rundir.py
     metrics.jsonl    one JSON line per step and per evaluation             rundir.py
     summary.json     the outcome                                           rundir.py
-    lineage.json     the run and checkpoint a branched run started from    rundir.py
+    lineage.json     the run and checkpoint a branched run started from    branch.py
     data_info.json   what sizes the model; tokenizer/ beside it            records.py
     compression.json what `gradwise compress` did to a variant             records.py
     checkpoints/     manifest.json (the commit point), step-*/, weights-*/, last/best links

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gradwise.errors import CheckpointError, StorageError
-from gradwise.store.files import atomic_write_text, fsync_dir, fsync_file, read_text, storage_error
+from gradwise.store.files import atomic_write_text, fsync_dir, fsync_file, read_text, storage_error, temporary_name
 from gradwise.store.paths import CHECKPOINT_NAME, TAG_LINKS, checkpoint_link_target, inside
 
 MODEL_FILE = "model.safetensors"
@@ -202,7 +202,7 @@ def repair(root: Path, manifest: Manifest) -> None:
     for child in root.iterdir():
         if child.name in keep or child.name == MANIFEST_FILE or child.name in TAG_LINKS:
             continue
-        if child.name.startswith(".") and (".tmp-" in child.name or child.name.startswith(".tmp")):
+        if child.name.startswith(".") and ".tmp-" in child.name:
             _remove(child)  # a dead writer's temporary file, link or directory
         elif CHECKPOINT_NAME.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
@@ -264,7 +264,7 @@ def verify(directory: Path, described: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def _point_link(link: Path, target_name: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(link)
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     os.symlink(target_name, tmp)
@@ -361,7 +361,7 @@ def move_into_place(tmp: Path, final: Path) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically, replacing (never following) a link at ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     try:
         _remove(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,24 +27,19 @@ from gradwise.config import RunConfig
 from gradwise.errors import CheckpointError, GradwiseWarning, StorageError, TrainingError
 from gradwise.models import count_parameters
 from gradwise.optim import apply_decoupled_weight_decay
-from gradwise.store import lock as run_lock
+from gradwise.optim.param_groups import configured_hyperparameters, reapply_hyperparameters
+from gradwise.store.branch import branched_at
 from gradwise.store.checkpoint import (
     committed_step,
     load_model_state,
     load_training_state,
     load_weights_into,
-    read_manifest,
-    repair,
     resolve_checkpoint,
 )
-from gradwise.store.paths import audit_for_writing
+from gradwise.store.ownership import writing_run
 from gradwise.store.records import write_data_record
 from gradwise.store.rundir import (
-    CONFIG_FILE,
     MetricsLog,
-    branched_at,
-    clear_for_new_run,
-    discard_unstarted_run,
     read_metrics,
     write_config,
     write_summary,
@@ -132,34 +127,10 @@ def fit(
     """
     ctx = distributed.current(cfg.distributed.timeout_s)
     counters = Counters()
-    with _writing(run_dir, ctx, counters, resume=resume):
+    # Rank 0 holds the run directory for the whole job.
+    owning = writing_run(run_dir, resume=resume, started=lambda: counters.step > 0) if ctx.is_main else nullcontext()
+    with owning:
         return _fit(cfg, run_dir, ctx, counters, resume=resume, stop_requested=stop_requested, hooks=hooks)
-
-
-@contextmanager
-def _writing(run_dir: Path, ctx: distributed.Distributed, counters: Counters, *, resume: bool) -> Iterator[None]:
-    """Hold the run directory's lock while training writes it; undo a new run that failed before step 1."""
-    if not ctx.is_main:  # rank 0 holds the lock for the job
-        yield
-        return
-    fresh = not resume and not (run_dir / CONFIG_FILE).exists()
-    with run_lock.holding(run_dir):
-        if run_dir.exists():
-            audit_for_writing(run_dir)
-        if resume:
-            manifest = read_manifest(run_dir / "checkpoints")
-            if manifest is not None:  # links and leftovers of a writer killed mid-commit
-                repair(run_dir / "checkpoints", manifest)
-        else:
-            # A new run inherits nothing: an earlier attempt's checkpoints (a compare or compress step
-            # killed before it finished) would otherwise be reused as this run's own.
-            clear_for_new_run(run_dir)
-        try:
-            yield
-        except BaseException:
-            if fresh and counters.step == 0:
-                discard_unstarted_run(run_dir)  # so the corrected command can use the same name= again
-            raise
 
 
 def _fit(
@@ -483,7 +454,7 @@ def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> di
 def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distributed.Distributed) -> None:
     """Load every piece of state from ``last`` so the run continues bit-for-bit."""
     ckpt = resolve_checkpoint(run_dir, "last")
-    configured = _hyperparameters(parts.optimizer)
+    configured = configured_hyperparameters(parts.optimizer)
     if is_sharded(ckpt):
         # Weights and optimizer state come from the shards, into this run's layout (any process count).
         state = load_sharded_checkpoint(ckpt, parts.model, parts.optimizer, ctx=ctx)
@@ -508,29 +479,7 @@ def _restore(parts: RunParts, counters: Counters, run_dir: Path, ctx: distribute
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: training state does not match this run ({type(exc).__name__}: {exc})") from None
     if at_branch_point:  # the first steps of a branch: its new optimization applies
-        _reapply_hyperparameters(parts.optimizer, configured)
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Each param group's configured hyperparameters: ``base_lr`` and the optimizer's declared ``defaults`` keys."""
-    # A composite (Muon + AdamW) declares its hyperparameters in the torch optimizers it holds.
-    inner = getattr(optimizer, "inner_optimizers", (optimizer,))
-    declared = set().union(*(getattr(o, "defaults", {}) for o in (optimizer, *inner))) | {"base_lr"}
-    declared -= set(getattr(optimizer, "stateful_group_keys", ()))
-    return [{k: v for k, v in group.items() if k in declared} for group in optimizer.param_groups]
-
-
-def _reapply_hyperparameters(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> None:
-    """On a branch, the new config, not the parent's checkpoint, sets the hyperparameters.
-
-    ``load_state_dict`` restores the saved groups' lr, betas, momentum…; a run branched from a checkpoint
-    with ``optim.lr=...`` must train with the new values. State an optimizer keeps in its groups (the
-    adaptive rule's running sum, named in its ``stateful_group_keys``) stays as saved.
-    """
-    if len(configured) != len(optimizer.param_groups):
-        return
-    for group, values in zip(optimizer.param_groups, configured, strict=True):
-        group.update(values)
+        reapply_hyperparameters(parts.optimizer, configured)
 
 
 def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> None:
