@@ -71,7 +71,10 @@ def test_named_run_and_refusing_to_overwrite(tmp_path: Path, capsys, monkeypatch
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["train", "digits-mlp", "optim.name=adamx"], "optim.name: got 'adamx'; expected one of 'gd', 'sgd'"),
+        (
+            ["train", "digits-mlp", "optim.name=adamx"],
+            "optim.name: got 'adamx'; expected one of 'adadelta', 'adafactor'",
+        ),
         (["train", "digits-mlp", "optim.weight_decay=0.1"], "optim.weight_decay: unknown key"),
         (["train", "digits-mlp", "optim.lr=-3"], "optim.lr: got -3; expected greater than 0"),
         (["train", "no-such-recipe"], "recipe no-such-recipe: no such file, and no bundled recipe"),

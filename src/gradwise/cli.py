@@ -255,6 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("paths", nargs="+", type=Path)
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"))
 
+    recm = sub.add_parser(
+        "recommend",
+        help="list a recommender run's top items for a user",
+        formatter_class=fmt,
+        description="The K items a recommender run (model.name mf, neumf, two_tower) scores highest for USER among "
+        "those the user has not rated in the run's training split, with their titles.\n\n"
+        "example:\n  gradwise recommend runs/movielens-mf --user 15 -k 10",
+    )
+    recm.add_argument("run_dir", type=Path)
+    recm.add_argument("--user", type=int, required=True, help="the user's id in the data (MovieLens userId)")
+    recm.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    recm.add_argument("--checkpoint", choices=["best", "last"], default="best")
+
+    comps = sub.add_parser(
+        "components",
+        help="list the registered models, data sources or optimizers and their settings",
+        formatter_class=fmt,
+        description="List every registered component of a kind: its name, what it is and the settings its config "
+        "section takes (model.*, data.*, optim.*).\n\nexamples:\n  gradwise components model\n"
+        "  gradwise components data",
+    )
+    comps.add_argument("kind", choices=["model", "data", "optim"])
+
     sub.add_parser(
         "optimizers",
         help="list the optimizers optim.name accepts",
@@ -382,7 +405,7 @@ def _launch(nproc: int, command: list[str]) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from gradwise.config import apply_overrides, read_yaml, validate
+    from gradwise.config import apply_overrides, read_saved_config, validate
     from gradwise.errors import CheckpointError
     from gradwise.report.hooks import plotting_hooks
     from gradwise.store.rundir import CONFIG_FILE, check_resumable
@@ -391,7 +414,7 @@ def _resume(args: argparse.Namespace) -> int:
     saved = args.run_dir / CONFIG_FILE
     if not saved.exists():
         raise CheckpointError(f"{args.run_dir}: not a run directory ({CONFIG_FILE} is missing)")
-    cfg = validate(apply_overrides(read_yaml(saved), args.overrides), source=str(saved))
+    cfg = validate(apply_overrides(read_saved_config(saved), args.overrides), source=str(saved))
     if args.from_checkpoint is not None:
         from gradwise.store.branch import branch_run
         from gradwise.train.tracking import require_extras
@@ -401,7 +424,7 @@ def _resume(args: argparse.Namespace) -> int:
         parent = args.run_dir
         args.run_dir = branch_run(parent, args.from_checkpoint, cfg, f"{parent.name}-branch")
         print(f"branched {parent} at checkpoint '{args.from_checkpoint}' into {args.run_dir}")
-        cfg = validate(read_yaml(args.run_dir / CONFIG_FILE), source=str(args.run_dir / CONFIG_FILE))
+        cfg = validate(read_saved_config(args.run_dir / CONFIG_FILE), source=str(args.run_dir / CONFIG_FILE))
         args.overrides = []
     check_resumable(args.run_dir, cfg)
     if args.nproc is not None:
@@ -602,6 +625,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommend(args: argparse.Namespace) -> int:
+    from gradwise.experiments.recommend import recommend
+
+    for item in recommend(args.run_dir, args.user, args.k, args.checkpoint):
+        print(f"{item.rank:>3}  {item.score:8.4f}  {item.item_id:>7}  {item.title}")
+    return 0
+
+
+def _components(args: argparse.Namespace) -> int:
+    from gradwise.config import DATA, MODELS, OPTIMIZERS
+
+    registry = {"model": MODELS, "data": DATA, "optim": OPTIMIZERS}[args.kind]
+    components = list(registry)
+    width = max(len(c.name) for c in components)
+    for component in components:
+        print(f"{component.name:<{width}}  {component.description}")
+        settings = [key for key in component.section.model_fields if key != "name"]
+        print(f"{'':<{width}}  {args.kind}.{{{', '.join(settings)}}}")
+    return 0
+
+
 def _optimizers(args: argparse.Namespace) -> int:
     from gradwise.optim import list_optimizers
 
@@ -627,4 +671,6 @@ _COMMANDS = {
     "batch-find": _batch_find,
     "report": _report,
     "optimizers": _optimizers,
+    "recommend": _recommend,
+    "components": _components,
 }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from gradwise.config import DataConfig
 from gradwise.data.bundled import load_bundled
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import DataError
 
 
 @pytest.mark.parametrize(
@@ -62,6 +63,9 @@ def test_features_select_columns_and_drop_the_image_shape():
 
 def test_limit_and_target():
     assert load_bundled(DataConfig(name="digits", limit=100), seed=0).x.shape == (100, 64)
-    assert load_bundled(DataConfig(name="wine", target="cultivar"), seed=0).target_name == "cultivar"
-    with pytest.raises(ConfigError, match=r"data\.target is only chosen for data\.name 'file'"):
-        load_bundled(DataConfig(name="wine", target="alcohol"), seed=0)
+    assert load_bundled(DataConfig(name="wine"), seed=0).target_name == "cultivar"
+    # A bundled set's target is fixed: its section has no data.target, so setting one is refused by name.
+    with pytest.raises(
+        ValidationError, match=r"data\.target does not apply to data\.name 'wine' \(it is read by file\)"
+    ):
+        DataConfig(name="wine", target="alcohol")

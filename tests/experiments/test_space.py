@@ -94,7 +94,10 @@ def test_contains_knows_the_recipe_values(tmp_path: Path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("optim.lrr: [0.1, 0.01]\n", "space.yaml: optim.lrr: unknown key; allowed keys: name, lr,"),
+        (
+            "optim.lrr: [0.1, 0.01]\n",
+            "space.yaml: optim.lrr: unknown key; optim.name 'adam' takes: lr, lr_multipliers,",
+        ),
         ("optimizer.lr: [0.1]\n", "space.yaml: optimizer: unknown key"),
         ("optim.lr: loguniform(0, 0.1)\n", "space.yaml: optim.lr: loguniform low must be > 0 (got 0)"),
         ("optim.lr: uniform(0.1, 0.01)\n", "space.yaml: optim.lr: uniform low must be < high (got 0.1, 0.01)"),

@@ -19,10 +19,11 @@ from torch import nn
 
 from gradwise.compress.prune import prunable_weights, pruned_count, smallest_mask, zhu_gupta_sparsity
 from gradwise.config import PruneConfig
+from gradwise.train.hooks import Hook
 from gradwise.train.strategies import RunStrategy
 
 
-class GradualPruner:
+class GradualPruner(Hook):
     """Prunes ``model`` in place on the cubic schedule of ``cfg`` over a run of ``total_steps`` optimizer steps.
 
     Pruning points run from ``round(begin_fraction · total_steps)`` every
@@ -60,6 +61,15 @@ class GradualPruner:
         return zhu_gupta_sparsity(
             step, cfg.initial_sparsity, cfg.sparsity, self.begin_step, self.end_step, cfg.every_steps
         )
+
+    state_key = "pruner"
+
+    def after_optimizer_step(self, steps: int) -> None:
+        self.after_step(steps)
+
+    def counts_evaluation(self, steps: int) -> bool:
+        """While the sparsity still rises, a "best" would be a denser model than the one this run makes."""
+        return steps >= self.end_step
 
     def after_step(self, step: int) -> None:
         """Re-prune if ``step`` (optimizer steps done, 1-based) reached a new scheduled sparsity; re-apply the masks."""
@@ -140,5 +150,5 @@ class GradualPruner:
 
 # The `prune:` section of a training config, registered as a strategy (pyproject entry point).
 PRUNE_STRATEGY = RunStrategy(
-    section="prune", after_step=lambda model, cfg, total_steps: GradualPruner(model, cfg.prune, total_steps)
+    section="prune", hooks=lambda model, cfg, total_steps: [GradualPruner(model, cfg.prune, total_steps)]
 )

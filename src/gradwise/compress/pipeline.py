@@ -225,7 +225,8 @@ def _prune_step(step: Step, source: Path, out: Path, name: str, monitor: str) ->
         finish_model_run(pruned, pruned_cfg, model, task, data, device, monitor=monitor, record=record)
         if step.train:
             _train(_source_raw(pruned), step, out, name, init_from=pruned)
-        return {"structured": p.structured, "model_hidden": model_cfg.hidden, "model_channels": model_cfg.channels}
+        widths = {f"model_{key}": getattr(model_cfg, key) for key in ("hidden", "channels") if hasattr(model_cfg, key)}
+        return {"structured": p.structured, **widths}
     assert p.sparsity is not None
     if p.schedule == "gradual" or step.train:
         raw = _source_raw(source)
@@ -320,9 +321,9 @@ def _beside(out: Path, what: str) -> Path:
 
 def _source_raw(source: Path) -> dict[str, Any]:
     """The config that built ``source``, as a raw dict to edit (the finished run's own training settings)."""
-    from gradwise.config import read_yaml
+    from gradwise.config import read_saved_config
 
-    raw = read_yaml(source / CONFIG_FILE)
+    raw = read_saved_config(source / CONFIG_FILE)
     # Compression steps train in one process: an FSDP source's `distributed` settings do not carry over.
     for key in ("prune", "distill", "qat", "variants", "resume", "distributed"):
         raw.pop(key, None)

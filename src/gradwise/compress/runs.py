@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gradwise.config import RunConfig, read_yaml, validate
+from gradwise.config import RunConfig, read_saved_config, validate
 from gradwise.data import Dataset
 from gradwise.data.types import DataInfo
 from gradwise.errors import CheckpointError
@@ -35,7 +35,7 @@ def load_run_model(
     config_file = run_dir / CONFIG_FILE
     if not config_file.exists():
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
-    cfg = validate(read_yaml(config_file), source=str(config_file))
+    cfg = validate(read_saved_config(config_file), source=str(config_file))
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     info = None if with_data else read_data_info(run_dir)
     data: Dataset | None

@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from gradwise.config import ModelConfig
+from gradwise.config import ModelSection
 from gradwise.errors import ConfigError
 from gradwise.models.cnn import CNN
 from gradwise.models.mlp import MLP
@@ -24,15 +24,15 @@ _NORM_P = 1
 
 
 def prune_structured(
-    model: nn.Module, model_cfg: ModelConfig, amount: float, example_input: torch.Tensor
-) -> tuple[nn.Module, ModelConfig]:
+    model: nn.Module, model_cfg: ModelSection, amount: float, example_input: torch.Tensor
+) -> tuple[nn.Module, ModelSection]:
     """Remove ``amount`` of every hidden layer's units (MLP widths; CNN channels and hidden fc) by magnitude.
 
     Each layer keeps ``int(width · (1 − amount))`` units, those whose weights
     (together with the next layer's weights that read them) have the largest
     L1 norm. The input is never pruned, nor the out-features of ``head``.
     ``model`` is left unchanged; the pruned copy is returned with the
-    ModelConfig that describes it, so ``build_model(new_cfg, info)`` builds the
+    ModelSection that describes it, so ``build_model(new_cfg, info)`` builds the
     same architecture and loads the copy's state_dict strictly.
 
     Args:
@@ -42,7 +42,7 @@ def prune_structured(
         example_input: A batch of inputs (e.g. two training rows) for tracing the graph.
 
     Returns:
-        The smaller model (in the input model's train/eval mode) and its ModelConfig.
+        The smaller model (in the input model's train/eval mode) and its ModelSection.
 
     References:
         Fang et al. 2023, "DepGraph: Towards Any Structural Pruning"; Li et al. 2017, "Pruning Filters for
@@ -93,8 +93,8 @@ def _hidden_widths(model: MLP | CNN) -> list[int]:
     return widths
 
 
-def _describe(model: MLP | CNN, cfg: ModelConfig) -> ModelConfig:
-    """The ModelConfig whose ``hidden``/``channels`` build ``model``'s architecture."""
+def _describe(model: MLP | CNN, cfg: ModelSection) -> ModelSection:
+    """The ModelSection whose ``hidden``/``channels`` build ``model``'s architecture."""
     widths = _hidden_widths(model)
     if isinstance(model, MLP):
         return cfg.model_copy(update={"hidden": widths})

@@ -1,17 +1,19 @@
 """The run config: its typed schema and how recipes are read into it."""
 
+from gradwise.config.kinds import DATA, MODELS, OPTIMIZERS, DataSection, ModelSection, OptimSection
 from gradwise.config.loading import (
     apply_overrides,
     deep_copy,
     describe_error,
     load_config,
+    read_saved_config,
     read_yaml,
     set_path,
     to_yaml,
     validate,
 )
+from gradwise.config.registry import Component, Registry
 from gradwise.config.schema import (
-    OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
     BatchConfig,
     BatchRamp,
@@ -37,13 +39,21 @@ from gradwise.config.schema import (
     monitor_mode,
 )
 
+# The installed optimizers' names, in their declared order (entry points are listed without importing them).
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS.names())
+
 __all__ = [
+    "DATA",
+    "MODELS",
+    "OPTIMIZERS",
     "OPTIMIZER_NAMES",
     "SCHEDULE_NAMES",
     "BatchConfig",
     "BatchRamp",
     "CheckpointConfig",
+    "Component",
     "DataConfig",
+    "DataSection",
     "DistillConfig",
     "DistributedConfig",
     "EvalConfig",
@@ -51,10 +61,13 @@ __all__ = [
     "LogConfig",
     "LoraConfig",
     "ModelConfig",
+    "ModelSection",
     "NoiseConfig",
     "OptimConfig",
+    "OptimSection",
     "PruneConfig",
     "QATConfig",
+    "Registry",
     "RegularizeConfig",
     "RunConfig",
     "ScheduleConfig",
@@ -66,6 +79,7 @@ __all__ = [
     "describe_error",
     "load_config",
     "monitor_mode",
+    "read_saved_config",
     "read_yaml",
     "set_path",
     "to_yaml",

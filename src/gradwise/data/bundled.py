@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from sklearn import datasets as sk
 
-from gradwise.config import DataConfig
 from gradwise.data.files import available
+from gradwise.data.sources import LinearData, TabularData
 from gradwise.data.types import RawData, TaskKind
 from gradwise.errors import ConfigError, DataError
 
@@ -40,24 +40,19 @@ _SKLEARN: dict[str, _Bundled] = {
 BUNDLED: tuple[str, ...] = (*_SKLEARN, "linear")
 
 
-def load_bundled(cfg: DataConfig, seed: int) -> RawData:
+def load_bundled(cfg: TabularData, seed: int) -> RawData:
     """The bundled set ``cfg.name``, its columns chosen by ``cfg.features`` and cut to ``cfg.limit`` rows.
 
     Raises:
-        ConfigError: ``cfg.name`` is not bundled, or ``data.target`` names another target.
+        ConfigError: ``cfg.name`` is not bundled.
         DataError: ``data.features`` names a column the set does not have.
     """
-    if cfg.name == "linear":
+    if isinstance(cfg, LinearData):
         raw = _linear(cfg.n_samples, cfg.noise_std, seed)
     elif cfg.name in _SKLEARN:
         raw = _sklearn(cfg.name)
     else:
         raise ConfigError(f"data.name: got {cfg.name!r}; bundled sets are {', '.join(BUNDLED)}")
-    if cfg.target is not None and cfg.target != raw.target_name:
-        raise ConfigError(
-            f"data.target is only chosen for data.name 'file'; {cfg.name!r} predicts {raw.target_name!r} "
-            "(leave data.target unset)"
-        )
     if cfg.features is not None:
         raw = select_features(raw, cfg.features)
     return raw if cfg.limit is None else raw.head(cfg.limit)

@@ -32,9 +32,9 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gradwise.config import DataConfig
+from gradwise.data.sources import PythonSourceData
 from gradwise.data.types import DataInfo, Dataset, Split
-from gradwise.errors import DataError
+from gradwise.errors import ConfigError, DataError
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 1
@@ -70,7 +70,14 @@ class Corpus:
     python_version: str
 
 
-def load_corpus_dataset(cfg: DataConfig, seed: int, *, cache_root: Path | None = None) -> Dataset:
+def build_corpus_dataset(cfg: PythonSourceData, task_kind: str, seed: int, tokenizer_dir: Path | None) -> Dataset:
+    """The data component's builder: the corpus is language modeling whatever ``task.kind`` says, or an error."""
+    if task_kind not in ("auto", "language_modeling"):
+        raise ConfigError(f"task.kind {task_kind!r} does not apply to data.name 'python_source' (language modeling)")
+    return load_corpus_dataset(cfg, seed)
+
+
+def load_corpus_dataset(cfg: PythonSourceData, seed: int, *, cache_root: Path | None = None) -> Dataset:
     """The stdlib corpus packed into next-token blocks of ``cfg.seq_len``.
 
     Each split's stream is cut into non-overlapping blocks of ``seq_len + 1``
@@ -138,7 +145,7 @@ def unigram_perplexity(train: Split, val: Split, vocab_size: int) -> float:
 # --------------------------------------------------------------------------- building or loading the cache
 
 
-def prepare_corpus(cfg: DataConfig, seed: int, *, cache_root: Path | None = None) -> Corpus:
+def prepare_corpus(cfg: PythonSourceData, seed: int, *, cache_root: Path | None = None) -> Corpus:
     """Read, split, tokenize and cache the corpus, or load it from the cache when the key matches."""
     root = stdlib_root()
     candidates = list_stdlib_files(root)
@@ -262,7 +269,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _build(directory: Path, root: Path, candidates: list[tuple[str, int]], cfg: DataConfig, seed: int) -> None:
+def _build(directory: Path, root: Path, candidates: list[tuple[str, int]], cfg: PythonSourceData, seed: int) -> None:
     documents = read_documents(root, candidates, cfg.corpus_chars)
     members = split_files([len(text) for _, text in documents], cfg.val_fraction, cfg.test_fraction, seed)
     tokenizer = train_tokenizer([documents[i][1] for i in members["train"]], cfg.vocab_size)
@@ -324,7 +331,7 @@ def _default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "gradwise"
 
 
-def _cache_key(root: Path, candidates: list[tuple[str, int]], cfg: DataConfig, seed: int) -> str:
+def _cache_key(root: Path, candidates: list[tuple[str, int]], cfg: PythonSourceData, seed: int) -> str:
     facts = {
         "format": FORMAT_VERSION,
         "stdlib": str(root),

@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gradwise.config import DataConfig
 from gradwise.data.readers import Table, detect_format, read_table
+from gradwise.data.sources import FileData
 from gradwise.data.types import RawData
 from gradwise.errors import ConfigError, DataError
 
 _MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none", "#n/a"})
 
 
-def load_file(cfg: DataConfig) -> RawData:
+def load_file(cfg: FileData) -> RawData:
     """Read ``cfg.path`` and pick its features and target (first ``cfg.limit`` rows if set).
 
     Raises:
@@ -144,7 +144,7 @@ def available(names: list[str], limit: int = 30) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _target_name(cfg: DataConfig, table: Table) -> str:
+def _target_name(cfg: FileData, table: Table) -> str:
     names = table.names
     if cfg.target is None:
         raise DataError(f"{table.source}: data.target is required for data.name 'file'; columns: {available(names)}")
@@ -155,7 +155,7 @@ def _target_name(cfg: DataConfig, table: Table) -> str:
     return cfg.target
 
 
-def _feature_names(cfg: DataConfig, table: Table, target: str) -> list[str]:
+def _feature_names(cfg: FileData, table: Table, target: str) -> list[str]:
     if cfg.features is None:
         features = [name for name in table.names if name != target]
         if not features:

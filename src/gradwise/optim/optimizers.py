@@ -12,17 +12,81 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import create_model
 from torch import nn
 
-from gradwise.config import OptimConfig
+from gradwise.config.base import Fraction, NonNegFloat, PositiveFloat
+from gradwise.config.kinds import OPTIMIZERS as OPTIMIZER_COMPONENTS
+from gradwise.config.kinds import OptimSection
+from gradwise.config.registry import Component
 from gradwise.errors import ConfigError
 from gradwise.optim.custom import AdaptiveLR, EMAMomentum, MuonWithAdamW, muon_hidden_weights, split_for_muon
 from gradwise.optim.param_groups import build_param_groups
+from gradwise.optim.partitioned import PartitionedOptimizer, sparse_gradient_parameters, split_sparse
+
+OptimConfig = OptimSection  # what every build function receives: the chosen optimizer's own section
 
 Groups = list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- the sections: what each optimizer reads
+
+
+class _Momentum(OptimSection):
+    momentum: Fraction = 0.9
+
+
+class _Eps(OptimSection):
+    eps: PositiveFloat = 1e-8
+
+
+class _Adam(_Eps):
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
+
+
+class _RMSprop(_Eps):
+    alpha: Fraction = 0.99
+
+
+class _MomentumForm(_Momentum):
+    momentum_form: Literal["classic", "ema"] = "classic"
+
+
+class _Adaptive(OptimSection):
+    adaptive_beta: NonNegFloat = 1.0
+
+
+class _Muon(_Adam, _Momentum):
+    pass
+
+
+_SECTION_BASES: dict[str, type[OptimSection]] = {
+    "gd": OptimSection,
+    "sgd": OptimSection,
+    "momentum": _MomentumForm,
+    "nesterov": _Momentum,
+    "adagrad": _Eps,
+    "rmsprop": _RMSprop,
+    "adam": _Adam,
+    "adamw": _Adam,
+    "adaptive": _Adaptive,
+    "nadam": _Adam,
+    "radam": _Adam,
+    "adamax": _Adam,
+    "adadelta": _Eps,
+    "adafactor": OptimSection,
+    "muon": _Muon,
+}
+
+
+def _section(name: str) -> type[OptimSection]:
+    """The section of optimizer ``name``: its base's fields, ``name`` narrowed to it."""
+    base = _SECTION_BASES[name]
+    title = "".join(part.capitalize() for part in name.split("_")) + "Config"
+    return create_model(title, __base__=base, __doc__=base.__doc__, name=(Literal[name], name))  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -45,6 +109,10 @@ class OptimizerSpec:
     native_decoupled_decay: bool
     build: Callable[[Groups, OptimConfig], torch.optim.Optimizer]
     prepare: Callable[[nn.Module, Groups], Groups] | None = field(default=None, compare=False)
+
+    @property
+    def section(self) -> type[OptimSection]:
+        return _section(self.name)
 
 
 # --------------------------------------------------------------------------- extra arguments
@@ -306,11 +374,36 @@ _REGISTRY = (
     ),
 )
 OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in _REGISTRY}
+# The config registry's entries (entry-point group gradwise.optimizers): each optimizer's section, once.
+COMPONENTS: dict[str, Component] = {
+    spec.name: Component(
+        spec.section,
+        spec.build,
+        spec.description,
+        capabilities={"native_decoupled_decay": spec.native_decoupled_decay, "prepare": spec.prepare},
+    )
+    for spec in _REGISTRY
+}
 
 
 def list_optimizers() -> list[OptimizerSpec]:
-    """All registered optimizers, in registry order."""
-    return list(OPTIMIZERS.values())
+    """Every optimizer ``optim.name`` accepts: the built-in ones in their order, then any registered since."""
+    return [*OPTIMIZERS.values(), *(_spec(name) for name in OPTIMIZER_COMPONENTS.names() if name not in OPTIMIZERS)]
+
+
+def _spec(name: str) -> OptimizerSpec:
+    """The spec of a component in the config registry (built-in or registered by a plugin or a test)."""
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name]
+    component = OPTIMIZER_COMPONENTS.get(name)
+    caps = component.capabilities
+    return OptimizerSpec(
+        name=name,
+        description=component.description,
+        native_decoupled_decay=bool(caps.get("native_decoupled_decay", False)),
+        build=component.builder(),
+        prepare=caps.get("prepare"),
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, weight_decay: float) -> torch.optim.Optimizer:
@@ -324,12 +417,39 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, weight_decay: float) -> 
     Raises:
         ConfigError: Unknown name, bad ``lr_multipliers`` pattern, bad ``extra``, or nothing to train.
     """
-    spec = OPTIMIZERS.get(cfg.name)
-    if spec is None:
-        raise ConfigError(f"optim.name: got {cfg.name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    spec = _spec(cfg.name)
     groups = build_param_groups(model, cfg, weight_decay, native_decoupled=spec.native_decoupled_decay)
     if not groups:
         raise ConfigError("optim: the model has no trainable parameters (every parameter is frozen)")
+    sparse = sparse_gradient_parameters(model)
+    if sparse:
+        return _with_sparse_part(model, groups, sparse, spec, cfg)
     if spec.prepare is not None:
         groups = spec.prepare(model, groups)
     return spec.build(groups, cfg)
+
+
+def _with_sparse_part(
+    model: nn.Module, groups: Groups, sparse: set[int], spec: OptimizerSpec, cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """``cfg.name`` over the dense parameters and ``optim.sparse`` over the sparse-gradient embeddings.
+
+    Dense optimizers refuse sparse gradients (Adam: "does not support sparse gradients"). SparseAdam
+    updates only the rows a batch touched, Adam-style (lazy moments); Adagrad's sparse path is
+    exact Adagrad on the touched rows. Neither applies decoupled weight decay to sparse rows: a decay
+    of every row every step would make each step dense again.
+    """
+    dense_groups, sparse_groups = split_sparse(groups, sparse)
+    for group in sparse_groups:
+        group["weight_decay"] = 0.0
+    if spec.prepare is not None and dense_groups:
+        dense_groups = spec.prepare(model, dense_groups)
+    dense = spec.build(dense_groups, cfg) if dense_groups else None
+    if cfg.sparse == "sparse_adam":
+        betas, eps = getattr(cfg, "betas", (0.9, 0.999)), getattr(cfg, "eps", 1e-8)
+        sparse_part = torch.optim.SparseAdam(sparse_groups, lr=cfg.lr, betas=betas, eps=eps)
+    elif cfg.sparse == "adagrad":
+        sparse_part = torch.optim.Adagrad(sparse_groups, lr=cfg.lr, eps=getattr(cfg, "eps", 1e-10))
+    else:
+        sparse_part = torch.optim.SGD(sparse_groups, lr=cfg.lr)
+    return PartitionedOptimizer({"dense": dense, "sparse": sparse_part})

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwise.config import OptimConfig
+from gradwise.config import OptimSection
 from gradwise.errors import ConfigError
 
 # Not "decoupled_weight_decay": torch.optim.Adam/AdamW/NAdam/RAdam read a group key of
@@ -38,7 +38,7 @@ NORM_MODULES: tuple[type[nn.Module], ...] = (
 
 
 def build_param_groups(
-    model: nn.Module, cfg: OptimConfig, weight_decay: float, *, native_decoupled: bool
+    model: nn.Module, cfg: OptimSection, weight_decay: float, *, native_decoupled: bool
 ) -> list[dict[str, Any]]:
     """Split a model's trainable parameters into optimizer parameter groups.
 

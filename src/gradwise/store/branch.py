@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gradwise.config import RunConfig, read_yaml, validate
+from gradwise.config import RunConfig, read_saved_config, validate
 from gradwise.errors import CheckpointError
 from gradwise.store import lock as run_lock
 from gradwise.store.checkpoint import commit, move_into_place, read_manifest, resolve_checkpoint
@@ -78,7 +78,7 @@ def branch_run(parent: Path, tag: str, cfg: RunConfig, default_name: str) -> Pat
     saved_file = parent / CONFIG_FILE
     if not saved_file.exists():
         raise CheckpointError(f"{parent}: not a run directory ({CONFIG_FILE} is missing)")
-    saved = validate(read_yaml(saved_file), source=str(saved_file))
+    saved = validate(read_saved_config(saved_file), source=str(saved_file))
     changes = config_differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
     for path, (old, new) in changes.items():
         if path.startswith(_BRANCH_FIXED):

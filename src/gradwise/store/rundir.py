@@ -269,12 +269,12 @@ _RESUMABLE_CHANGES = (
 
 def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse to resume ``run_dir`` with a config that would change the optimization it started."""
-    from gradwise.config import read_yaml, validate
+    from gradwise.config import read_saved_config, validate
 
     saved_file = run_dir / CONFIG_FILE
     if not saved_file.exists():
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
-    saved = validate(read_yaml(saved_file), source=str(saved_file))
+    saved = validate(read_saved_config(saved_file), source=str(saved_file))
     for path, (old, new) in config_differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json")).items():
         if path.startswith("stop.") and cfg.schedule.name in _BUDGET_SCHEDULES:
             warnings.warn(

@@ -36,7 +36,7 @@ class MetricMeter(Protocol):
 class Task(Protocol):
     """A loss (mean and summed over a batch), a meter factory and the metric to monitor by default."""
 
-    kind: Literal["classification", "regression", "language_modeling"]
+    kind: Literal["classification", "regression", "language_modeling", "ranking"]
     loss_name: str
     default_monitor: str
 
@@ -59,6 +59,12 @@ def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
         if info.kind != "language_modeling":
             raise ConfigError(f"task.kind 'language_modeling' needs a text corpus; {label!r} is a {info.kind} dataset")
         return build_language_modeling_task(cfg, info)
+    if info.kind == "ranking" or cfg.kind == "ranking":
+        from gradwise.tasks.ranking_task import RankingTask
+
+        if info.kind != "ranking" or info.interactions is None:
+            raise ConfigError(f"task.kind 'ranking' needs interactions data; {label!r} is a {info.kind} dataset")
+        return RankingTask(cfg.k, int(info.interactions["n_items"]))
     if cfg.kind != "auto" and cfg.kind != info.kind:
         raise ConfigError(
             f"task.kind {cfg.kind!r} does not match the data: {label!r} is a {info.kind} dataset "

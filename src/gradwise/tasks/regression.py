@@ -107,20 +107,20 @@ class RegressionMeter:
         return None
 
     def compute(self) -> dict[str, float]:
-        """``loss``, ``mse``, ``mae`` and ``r2``; NaN for all before any example.
+        """``loss``, ``mse``, ``rmse``, ``mae`` and ``r2``; NaN for all before any example.
 
         R² = 1 − SSE / SST with SST = Σy² − (Σy)²/n; a constant target (SST = 0)
         scores 1 for a perfect fit and 0 otherwise, as scikit-learn's ``r2_score`` does.
         """
         n, loss, sse, sae, sy, syy = (float(v) for v in self._stats)
         if n == 0:
-            return {"loss": math.nan, "mse": math.nan, "mae": math.nan, "r2": math.nan}
+            return {"loss": math.nan, "mse": math.nan, "rmse": math.nan, "mae": math.nan, "r2": math.nan}
         sst = max(syy - sy * sy / n, 0.0)
         if sst > 0:
             r2 = 1.0 - sse / sst
         else:
             r2 = 1.0 if sse == 0 else 0.0
-        return {"loss": loss / n, "mse": sse / n, "mae": sae / n, "r2": r2}
+        return {"loss": loss / n, "mse": sse / n, "rmse": math.sqrt(sse / n), "mae": sae / n, "r2": r2}
 
 
 def _align(outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,10 @@ import contextlib
 
 import torch
 
+from gradwise.data.batches import to_device
 from gradwise.errors import ConfigError
+
+__all__ = ["autocast", "parameter_dtype", "resolve_device", "to_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,13 +30,6 @@ def resolve_device(name: str) -> torch.device:
 def parameter_dtype(precision: str) -> torch.dtype:
     """Weights stay fp32 under bf16 autocast; fp64 is for exact numerical comparisons."""
     return torch.float64 if precision == "fp64" else torch.float32
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Move a batch to the device; floating tensors (inputs, regression targets) take the weights' dtype."""
-    if tensor.is_floating_point():
-        return tensor.to(device, dtype=dtype, non_blocking=True)
-    return tensor.to(device, non_blocking=True)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:

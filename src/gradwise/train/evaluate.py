@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from gradwise.data import Split
+from gradwise.data.batches import take
 from gradwise.tasks import Task
-from gradwise.train.batching import gather
 from gradwise.train.device import autocast, to_device
 from gradwise.train.distributed import Distributed
 
@@ -54,8 +54,7 @@ def evaluate(
         padding = len(rows) == 0
         if padding:
             rows = everything[:1]
-        x = to_device(gather(split.x, split.lengths, rows), device, dtype)
-        y = to_device(split.y[rows], device, dtype)
+        x, y = to_device(take(split, rows), device, dtype)
         with autocast(device, precision):
             outputs = model(x)
         if not padding:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from gradwise.config import RunConfig
+from gradwise.data.batches import take
 from gradwise.errors import CheckpointError, GradwiseWarning, StorageError, TrainingError
 from gradwise.models import count_parameters
-from gradwise.optim import apply_decoupled_weight_decay
 from gradwise.optim.param_groups import configured_hyperparameters, reapply_hyperparameters
 from gradwise.store.branch import branched_at
 from gradwise.store.checkpoint import (
@@ -53,16 +53,16 @@ from gradwise.store.sharded import (
     optimizer_state_dict,
 )
 from gradwise.train import distributed
-from gradwise.train.batching import gather
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
+from gradwise.train.hooks import hook_states, load_hook_states
 from gradwise.train.keeper import CheckpointKeeper
 from gradwise.train.ledger import LossLedger
 from gradwise.train.progress import ProgressReporter
-from gradwise.train.regularize import weight_penalty
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
 from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes, wrap_for_ranks
+from gradwise.train.strategies import active_strategies
 
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
 STOP_CHECK_STEPS = 16
@@ -174,11 +174,8 @@ def _fit(
         if ctx.is_main or sharded
         else _Silent()
     )
-    net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=parts.unfreezer is not None)
+    net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
     keeper.saved_step = counters.step if resume else -1
-    dtype = parameter_dtype(cfg.precision)
-    x_train = to_device(parts.data.train.x, parts.device, dtype)
-    y_train = to_device(parts.data.train.y, parts.device, dtype)
     name = cfg.name or run_dir.name
     reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress and ctx.is_main)
     stop_reason, status = "budget reached", "completed"
@@ -192,7 +189,7 @@ def _fit(
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
-                result, epoch_ended = _train_step(parts, counters.step, x_train, y_train, net, ctx)
+                result, epoch_ended = _train_step(parts, counters.step, net, ctx)
                 counters.step += 1
                 counters.examples += result.batch_size
                 step = counters.step
@@ -302,18 +299,18 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def _train_step(
-    parts: RunParts, step: int, x: torch.Tensor, y: torch.Tensor, net: nn.Module, ctx: distributed.Distributed
-) -> tuple[StepResult, bool]:
+def _train_step(parts: RunParts, step: int, net: nn.Module, ctx: distributed.Distributed) -> tuple[StepResult, bool]:
     """Take the next batch, accumulate its gradient over micro-batches, and update the weights.
 
     ``net`` is the model the forward pass goes through: the model itself, or its DistributedDataParallel
     wrapper, in which case this rank computes its stride of the global batch and DDP averages gradients.
+    The training split stays on the host; each micro-batch moves to the device when it is used.
     """
     cfg, optimizer = parts.cfg, parts.optimizer
-    if parts.unfreezer is not None:
-        parts.unfreezer.apply(parts.sampler.epoch)  # a pure function of the epoch: resumes exactly
-    planned = parts.plan.size(step, parts.sampler.epoch)
+    epoch = parts.sampler.epoch
+    for hook in parts.hooks:
+        hook.before_step(step, epoch)
+    planned = parts.plan.size(step, epoch)
     indices, epoch_ended = parts.sampler.take(planned)
     n = len(indices)  # fewer than planned at the end of an epoch
     # Scaled by the planned size: the short last batch of an epoch is not a batch-size change.
@@ -323,12 +320,12 @@ def _train_step(
 
     optimizer.zero_grad(set_to_none=True)
     dtype = parameter_dtype(cfg.precision)
-    loss_sum = torch.zeros((), device=y.device, dtype=dtype)
-    lengths = parts.data.train.lengths
+    loss_sum = torch.zeros((), device=parts.device, dtype=dtype)
+    train = parts.data.train
     # Sum over each micro-batch divided by the whole step's count of loss terms (examples, or
     # tokens for language models): the accumulated gradient equals the large-batch gradient
     # even when micro-batches are uneven.
-    terms = parts.task.count(y[indices])
+    terms = parts.task.count(train.y[indices])
     # DDP averages gradients over ranks; each rank's share of the global sum is scaled back up by the world size.
     scale = ctx.world
     local = ctx.shard(indices)
@@ -336,34 +333,31 @@ def _train_step(
     # backward is a collective. A rank that runs short (or has no rows at all) joins with empty ones.
     count = min(cfg.batch.accumulate, math.ceil(n / ctx.world)) if ctx.active else None
     chunks = parts.plan.micro_batches(local, count)
-    for i, chunk in enumerate(chunks):
+    # Every micro-batch of the step is sent now: on CUDA the later copies overlap the earlier ones' compute.
+    batches = [to_device(take(train, chunk, epoch), parts.device, dtype) for chunk in chunks]
+    for i, (inputs, targets) in enumerate(batches):
         # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimizer step, with the last micro-batch.
         with gradient_sync(net, enabled=not ctx.active or i == len(chunks) - 1):
             with autocast(parts.device, cfg.precision):
-                outputs = net(gather(x, lengths, chunk))
+                outputs = net(inputs)
             # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
-            loss = parts.task.loss_sum(outputs.to(dtype), y[chunk]) / terms
+            loss = parts.task.loss_sum(outputs.to(dtype), targets)
+            if parts.batch_penalty is not None:  # the model's own per-batch term (L2 of the rows a batch looks up)
+                penalty = parts.batch_penalty(inputs)
+                loss = loss if penalty is None else loss + penalty.to(dtype)
+            loss = loss / terms
             if scale != 1:
                 loss = loss * scale
             loss.backward()
         loss_sum += loss.detach()
-    penalty = weight_penalty(optimizer, cfg.regularize.l1, cfg.regularize.l2)
-    if penalty is not None:
-        penalty.backward()
 
-    grad_norm = None
-    if cfg.regularize.clip_grad_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), cfg.regularize.clip_grad_norm)
-        # Over sharded gradients the norm is a DTensor: its full value is the norm of the whole model.
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    if parts.noise is not None:
-        # After clipping, so the injected variance is exactly the scheduled one.
-        parts.noise.add_(_parameters(optimizer), step)
-    apply_decoupled_weight_decay(optimizer)
+    # Penalty gradients, clipping, noise (at this 0-based step), decoupled weight decay: in that order.
+    applied = parts.gradients.apply(optimizer, step)
     optimizer.step()
-    if parts.pruner is not None:
-        parts.pruner.after_step(step + 1)  # pruned weights back to exactly zero; re-prune on schedule
+    for hook in parts.hooks:
+        hook.after_optimizer_step(step + 1)  # e.g. pruned weights back to exactly zero; re-prune on schedule
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
+    grad_norm = applied.get("grad_norm")
     result = StepResult(loss=loss_sum / scale, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended
 
@@ -420,7 +414,7 @@ def _evaluate(
     parts.schedule.on_eval(value)
     # While gradual pruning is still raising the sparsity, a "best" would be a denser model than the
     # one this run makes: only evaluations at the final sparsity may become best or count for patience.
-    settled = parts.pruner is None or counters.step >= parts.pruner.end_step
+    settled = all(hook.counts_evaluation(counters.step) for hook in parts.hooks)
     improved = parts.stopper.update(value, counters.step) if settled else False
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
@@ -445,8 +439,7 @@ def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> di
         "schedule": parts.schedule.state_dict(),
         "sampler": parts.sampler.state_dict(),
         "stopper": parts.stopper.state_dict(),
-        "noise": parts.noise.state_dict() if parts.noise is not None else None,
-        "pruner": parts.pruner.state_dict() if parts.pruner is not None else None,
+        **hook_states(parts.stateful()),  # each hook's and transform's state by its key ("noise", "pruner", …)
         "rng": capture_rng(),
     }
 
@@ -488,10 +481,7 @@ def _load_state(parts: RunParts, counters: Counters, state: dict[str, Any]) -> N
     parts.schedule.load_state_dict(state["schedule"])
     parts.sampler.load_state_dict(state["sampler"])
     parts.stopper.load_state_dict(state["stopper"])
-    if parts.noise is not None and state["noise"] is not None:
-        parts.noise.load_state_dict(state["noise"])
-    if parts.pruner is not None and state.get("pruner") is not None:
-        parts.pruner.load_state_dict(state["pruner"])
+    load_hook_states(parts.stateful(), state)
     restore_rng(state["rng"])
     for key, value in state["counters"].items():
         setattr(counters, key, value)
@@ -573,10 +563,9 @@ def _finish(
     if not ctx.is_main:
         return summary
     write_summary(run_dir, summary)
-    if cfg.finetune.lora is not None:
-        from gradwise.finetune.lora import save_adapter
-
-        save_adapter(parts.model, run_dir / "adapter")  # the (best) adapter alone, a few hundred KB
+    for strategy in active_strategies(cfg):
+        if strategy.finished is not None:
+            strategy.finished(cfg, parts.model, run_dir)  # e.g. the (best) LoRA adapter alone, a few hundred KB
     return summary
 
 

