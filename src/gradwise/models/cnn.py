@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Annotated, Literal
 
-from pydantic import Field
-
 import torch
+from pydantic import Field
 from torch import nn
 
 from gradwise.config.base import Fraction, PositiveInt
