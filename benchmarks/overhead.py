@@ -115,7 +115,7 @@ def step_overhead(cfg, blocks: int = 3, steps: int = 1000) -> tuple[float, float
     single = Distributed()  # one process: the model itself does the forward
 
     def ours(step: int) -> None:
-        _train_step(parts, step, x, y, model, single)
+        _train_step(parts, step, model, single)
 
     timings: dict[str, list[float]] = {"plain": [], "ours": []}
     for _ in range(blocks):

@@ -38,7 +38,8 @@ def _info(takes: tuple[str, ...]) -> DataInfo:
         return DataInfo("language_modeling", 16, None, 300, None, ["tokens"], "next", "test", vocab_size=300,
                         pad_token_id=0)  # fmt: skip
     if "interactions" in takes:
-        bags = {"genre_ids": [0, 1, 2, 1], "genre_offsets": [0, 1, 2, 3, 4, 4], "n_genres": 3}
+        bags = {"genre_ids": [0, 1, 2, 1], "genre_offsets": [0, 1, 2, 3, 4, 4], "n_genres": 3,
+                "user_counts": [0, 1, 2, 3, 4], "item_counts": [0, 5, 1, 1, 2, 3]}
         return DataInfo("regression", 2, None, 1, None, ["user", "item"], "rating", "test",
                         interactions={"n_users": 5, "n_items": 6, "global_mean": 3.5, **bags})  # fmt: skip
     return DataInfo("classification", 64, (1, 8, 8), 3, ["a", "b", "c"], [f"f{i}" for i in range(64)], "y", "test")
@@ -130,7 +131,13 @@ def test_every_model_field_changes_the_model(name: str, key: str) -> None:
     torch.manual_seed(1)
     out_new = changed(batch)
     logits = lambda out: out.logits if hasattr(out, "logits") else out  # noqa: E731
-    assert not torch.allclose(logits(out_base), logits(out_new)), f"model.{key}={value!r} changed nothing on {name}"
+    if not torch.allclose(logits(out_base), logits(out_new)):
+        return
+    # A field of the model's own per-batch penalty (mf.l2) changes the loss, not the output.
+    penalty = getattr(base, "batch_penalty_sum", None)
+    assert penalty is not None, f"model.{key}={value!r} changed nothing on {name}"
+    before, after = penalty(batch), changed.batch_penalty_sum(batch)
+    assert after is not None and (before is None or not torch.allclose(before, after)), f"model.{key} on {name}"
 
 
 def _optim_cases() -> list[Any]:

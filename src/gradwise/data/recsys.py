@@ -31,8 +31,10 @@ def build_movielens_dataset(
     """The data component's builder (see the module docstring for the two shapes)."""
     if task_kind not in ("auto", "regression", "ranking"):
         raise ConfigError(f"task.kind {task_kind!r} does not apply to data.name 'movielens' (regression or ranking)")
-    ml = load_movielens(cfg.split, cfg.val_fraction, cfg.test_fraction, seed, cfg.limit)
     ranking = task_kind == "ranking"
+    if cfg.negatives != 1 and not ranking:
+        raise ConfigError("data.negatives is the BPR negatives per rating; it needs task.kind=ranking")
+    ml = load_movielens(cfg.split, cfg.val_fraction, cfg.test_fraction, seed, cfg.limit)
     info = DataInfo(
         kind="ranking" if ranking else "regression",
         n_features=2,
@@ -50,12 +52,15 @@ def build_movielens_dataset(
             "global_mean": ml.global_mean,
             "genre_ids": ml.genre_ids.tolist(),
             "genre_offsets": ml.genre_offsets.tolist(),
+            # Training ratings per user and per item (row 0: none), for penalties normalized by frequency.
+            "user_counts": torch.bincount(ml.train.user, minlength=ml.n_users).tolist(),
+            "item_counts": torch.bincount(ml.train.item, minlength=ml.n_items).tolist(),
         },
     )
     extras = {"movielens": ml, "seen_indptr": ml.seen_indptr, "seen_items": ml.seen_items}
     if not ranking:
         return Dataset(train=_ratings(ml.train), val=_ratings(ml.val), test=_ratings(ml.test), info=info, extras=extras)
-    draw = partial(_draw_negatives, ml=ml, seed=seed + NEGATIVE_SEED_OFFSET)
+    draw = partial(_draw_negatives, ml=ml, seed=seed + NEGATIVE_SEED_OFFSET, count=cfg.negatives)
     train = Split(x={"user": ml.train.user, "item": ml.train.item}, y=torch.ones(len(ml.train)), draw=draw)
     return Dataset(train=train, val=_held_out(ml.val), test=_held_out(ml.test), info=info, extras=extras)
 
@@ -69,7 +74,13 @@ def _held_out(split: Ratings) -> Split:
 
 
 def _draw_negatives(
-    inputs: Mapping[str, torch.Tensor], rows: torch.Tensor, epoch: int, *, ml: MovieLens, seed: int
+    inputs: Mapping[str, torch.Tensor], rows: torch.Tensor, epoch: int, *, ml: MovieLens, seed: int, count: int
 ) -> dict[str, torch.Tensor]:
-    drawn = negatives(inputs["user"], rows, epoch, seed, ml.n_items, ml.seen_indptr, ml.seen_items)
-    return {"negative": drawn}
+    """``(B,)`` negatives, or ``(B, count)``: draw j of epoch e is the stream ``e·count + j`` (one stream per draw)."""
+    user = inputs["user"]
+    if count == 1:
+        return {"negative": negatives(user, rows, epoch, seed, ml.n_items, ml.seen_indptr, ml.seen_items)}
+    draws = [
+        negatives(user, rows, epoch * count + j, seed, ml.n_items, ml.seen_indptr, ml.seen_items) for j in range(count)
+    ]
+    return {"negative": torch.stack(draws, dim=1)}

@@ -119,13 +119,15 @@ class MovieLensData(DataSection):
 
     ``split`` ``random`` splits rating rows by ``val_fraction``/``test_fraction`` (rating regression);
     ``leave_last_out`` keeps each user's latest rating for test and the one before for validation
-    (ranking; the fractions are not used). User and item ids are re-indexed on the training split;
+    (ranking; the fractions are not used); ``negatives`` is how many unrated items each rating is
+    ranked against per step in BPR training (He et al. 2017 use 4). User and item ids are re-indexed on the training split;
     ids unseen there map to row 0, which every recommender keeps at zero, so they get the
     bias-only prediction.
     """
 
     name: Literal["movielens"] = "movielens"
     split: Literal["random", "leave_last_out"] = "random"
+    negatives: PositiveInt = 1
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 

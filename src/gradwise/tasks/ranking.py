@@ -24,14 +24,14 @@ __all__ = ["NEGATIVE_ROUNDS", "RankingMeter", "bpr_loss_sum", "most_popular_base
 
 
 def bpr_loss_sum(outputs: Tensor) -> Tensor:
-    """``Σ −log σ(s_pos − s_neg)`` over a batch of ``(B, 2)`` scores ``[positive, negative]``.
+    """``Σ_b mean_k −log σ(s_pos − s_neg,k)`` over ``(B, 1 + K)`` scores ``[positive, negatives…]`` (K = 1: plain BPR).
 
     ``−log σ(x)`` is computed as ``softplus(−x)``, which stays finite for large margins.
 
     References:
         Rendle et al. 2009, "BPR: Bayesian Personalized Ranking from Implicit Feedback".
     """
-    return F.softplus(outputs[:, 1] - outputs[:, 0]).sum()
+    return F.softplus(outputs[:, 1:] - outputs[:, :1]).mean(dim=1).sum()
 
 
 def _segments(indptr: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,8 @@ class Recommender(nn.Module):
     :meth:`forward` takes a batch ``dict[str, Tensor]`` and answers by its keys:
 
     - ``{"user", "item"}`` (each ``(B,)``) → ``(B, 1)`` scores (rating regression on ``(B, 1)`` targets);
-    - ``{"user", "item", "negative"}`` → ``(B, 2)`` = ``[score(u, item), score(u, negative)]`` (BPR);
+    - ``{"user", "item", "negative"}`` → ``(B, 2)`` = ``[score(u, item), score(u, negative)]`` (BPR),
+      or ``(B, 1 + K)`` for ``(B, K)`` negatives;
     - ``{"user"}`` alone → ``(B, n_items)`` scores of every item (full ranking; column 0 is the
       unseen item, which rankers exclude).
     """
@@ -41,7 +42,12 @@ class Recommender(nn.Module):
             return self.score_all(user)
         positive = self.score(user, batch["item"])
         if "negative" in batch:
-            return torch.stack([positive, self.score(user, batch["negative"])], dim=1)
+            negative = batch["negative"]
+            if negative.ndim == 2:  # several negatives per row: (B, 1 + K)
+                users = user[:, None].expand_as(negative).reshape(-1)
+                scores = self.score(users, negative.reshape(-1)).view(negative.shape)
+                return torch.cat([positive[:, None], scores], dim=1)
+            return torch.stack([positive, self.score(user, negative)], dim=1)
         return positive.unsqueeze(1)
 
     def score(self, user: Tensor, item: Tensor) -> Tensor:

@@ -34,13 +34,16 @@ class _RecommenderSection(ModelSection):
 
 class MFConfig(_RecommenderSection):
     """``mf``: biased matrix factorisation r̂ = μ + b_u + b_i + p_u·q_i of ``dim`` factors (Koren et al. 2009);
-    ``l2`` / ``bias_l2`` penalize the factor / bias rows each rating looks up (the paper's regularized loss)."""
+    ``l2`` / ``bias_l2`` penalize the factor / bias rows each rating looks up (the paper's regularized loss);
+    ``row_l2`` / ``row_bias_l2`` do so divided by the row's training count (λ once per row per epoch)."""
 
     name: Literal["mf"] = "mf"
     dim: PositiveInt = 64
     init_std: PositiveFloat = 0.01
     l2: NonNegFloat = 0.0
     bias_l2: NonNegFloat = 0.0
+    row_l2: NonNegFloat = 0.0
+    row_bias_l2: NonNegFloat = 0.0
 
 
 class NeuMFConfig(_RecommenderSection):
@@ -80,7 +83,11 @@ def build_mf(cfg: MFConfig, info: DataInfo) -> BiasedMF:
     # A ranking model scores; there is no rating mean to start from.
     mean = sizes["global_mean"] if info.kind == "regression" else 0.0
     model = BiasedMF(sizes["n_users"], sizes["n_items"], cfg.dim, mean, sparse=cfg.sparse, init_std=cfg.init_std)
-    model.l2, model.bias_l2 = cfg.l2, cfg.bias_l2
+    model.l2, model.bias_l2, model.row_l2, model.row_bias_l2 = cfg.l2, cfg.bias_l2, cfg.row_l2, cfg.row_bias_l2
+    if cfg.row_l2 or cfg.row_bias_l2:
+        if "user_counts" not in sizes:
+            raise ConfigError("model.row_l2 needs the data's rating counts; this run's data record predates them")
+        model.set_row_counts(torch.tensor(sizes["user_counts"]), torch.tensor(sizes["item_counts"]))
     return model
 
 

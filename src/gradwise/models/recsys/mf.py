@@ -45,24 +45,37 @@ class BiasedMF(Recommender):
         self.item_bias = padded_embedding(n_items, 1, sparse, 0.0)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
 
-    # λ of the L2 on the rows a batch looks up (Koren et al. 2009, eq. 5): factors and biases.
+    # λ of the L2 on the rows a batch looks up (Koren et al. 2009, eq. 5): factors and biases; the row_
+    # ones are divided by the row's training count (set_row_counts), so each row gets λ once per epoch.
     l2: float = 0.0
     bias_l2: float = 0.0
+    row_l2: float = 0.0
+    row_bias_l2: float = 0.0
+
+    def set_row_counts(self, user_counts: Tensor, item_counts: Tensor) -> None:
+        """Training ratings per user and per item (non-persistent: rebuilt from the data record, not saved)."""
+        self.register_buffer("user_weight", 1.0 / user_counts.clamp(min=1).float(), persistent=False)
+        self.register_buffer("item_weight", 1.0 / item_counts.clamp(min=1).float(), persistent=False)
 
     def batch_penalty_sum(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """Σ over the batch's ratings of l2·(‖p_u‖² + ‖q_i‖²) + bias_l2·(b_u² + b_i²), or None when both are 0.
+        """The batch's share of the L2 on the rows its ratings use, or None when every λ is 0.
 
-        The regularized objective of Koren et al. 2009: each observed rating penalizes the rows it uses,
-        so a rarely rated user or item is shrunk less often than a popular one. A full-table penalty
-        (``regularize.l2``) shrinks every row every step instead; the two combine.
+        Σ_b l2·(‖p_u‖² + ‖q_i‖²) + bias_l2·(b_u² + b_i²) is the regularized objective of Koren et al.
+        2009: each observed rating penalizes the rows it uses, so a popular item is shrunk more often.
+        The ``row_`` terms weigh each lookup by 1/count, which sums over an epoch to the same λ·‖row‖²
+        for every row, applied only when the row has data in the step (a full-table ``regularize.l2``
+        under Adam instead shrinks rows without data at the full step size, every step).
         """
-        if not (self.l2 or self.bias_l2) or "item" not in batch:
+        if not (self.l2 or self.bias_l2 or self.row_l2 or self.row_bias_l2) or "item" not in batch:
             return None
         user, item = batch["user"], batch["item"]
-        total = self.l2 * (self.user_factors(user).pow(2).sum() + self.item_factors(item).pow(2).sum())
-        if self.bias_l2:
-            total = total + self.bias_l2 * (self.user_bias(user).pow(2).sum() + self.item_bias(item).pow(2).sum())
-        return total
+        p2, q2 = self.user_factors(user).pow(2).sum(-1), self.item_factors(item).pow(2).sum(-1)
+        bu2, bi2 = self.user_bias(user).squeeze(-1).pow(2), self.item_bias(item).squeeze(-1).pow(2)
+        total = self.l2 * (p2 + q2) + self.bias_l2 * (bu2 + bi2)
+        if self.row_l2 or self.row_bias_l2:
+            wu, wi = self.user_weight[user], self.item_weight[item]
+            total = total + self.row_l2 * (wu * p2 + wi * q2) + self.row_bias_l2 * (wu * bu2 + wi * bi2)
+        return total.sum()
 
     def score(self, user: Tensor, item: Tensor) -> Tensor:
         p, q = self.user_factors(user), self.item_factors(item)
