@@ -76,7 +76,7 @@ def plain_loop(cfg) -> tuple[float, int, dict[str, torch.Tensor]]:
     sparse_ids = sparse_gradient_parameters(model)
     dense = [p for p in model.parameters() if id(p) not in sparse_ids]
     sparse = [p for p in model.parameters() if id(p) in sparse_ids]
-    optimizers = [torch.optim.Adam(dense, lr=cfg.optim.lr)]
+    optimizers = [torch.optim.Adam(dense, lr=cfg.optim.lr)] if dense else []
     if sparse:
         optimizers.append(torch.optim.SparseAdam(sparse, lr=cfg.optim.lr))
     ranking = cfg.task.kind == "ranking"

@@ -17,7 +17,7 @@ def _small(tmp_path: Path, **fields: object):
     raw = {
         "data": {"name": "movielens", "limit": 3000},
         "model": {"name": "mf", "dim": 8},
-        "optim": {"name": "sgd", "lr": 0.05, "sparse": "sgd"},
+        "optim": {"name": "sgd", "lr": 0.05},
         "batch": {"size": 128},
         "stop": {"epochs": 2, "monitor": "val_rmse"},
         "precision": "fp64",
@@ -34,7 +34,7 @@ def _small(tmp_path: Path, **fields: object):
 def test_sparse_embeddings_train_exactly_like_dense_ones_under_sgd(tmp_path):
     """SGD on a sparse gradient updates the looked-up rows only, as dense SGD does: same weights."""
     dense = fit(_small(tmp_path, model__sparse=False), tmp_path / "dense")
-    sparse = fit(_small(tmp_path, model__sparse=True), tmp_path / "sparse")
+    sparse = fit(_small(tmp_path, model__sparse=True, optim__sparse="sgd"), tmp_path / "sparse")
     a = load_model_state(resolve_checkpoint(tmp_path / "dense", "last"))
     b = load_model_state(resolve_checkpoint(tmp_path / "sparse", "last"))
     assert a.keys() == b.keys()

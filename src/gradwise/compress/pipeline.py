@@ -77,6 +77,7 @@ def compress_run(
         CheckpointError: ``run_dir`` is not a finished run.
         ConfigError: an unknown variant in ``only``; a step that does not fit the model.
     """
+    _refuse_interactions(run_dir)
     budget = source_budget(run_dir, recipe)
     _consolidate_source(run_dir)
     names = list(recipe.variants)
@@ -94,6 +95,21 @@ def compress_run(
             continue
         results.append(run_variant(run_dir, name, recipe.variants[name], budget, force=force))
     return results
+
+
+def _refuse_interactions(run_dir: Path) -> None:
+    """Compression measures and exports models that read feature rows or tokens; a recommender reads id columns."""
+    from gradwise.config import read_saved_config, validate
+    from gradwise.store.rundir import CONFIG_FILE
+
+    if not (run_dir / CONFIG_FILE).is_file():
+        return  # source_budget says what is missing
+    cfg = validate(read_saved_config(run_dir / CONFIG_FILE), source=str(run_dir / CONFIG_FILE))
+    if cfg.data.batch_format() == "interactions":
+        raise ConfigError(
+            f"compress: {run_dir} is a recommender run (model.name {cfg.model.name!r} on id columns); pruning, "
+            "quantization and distillation here take models of feature rows or tokens"
+        )
 
 
 def _consolidate_source(run_dir: Path) -> None:
@@ -195,7 +211,10 @@ def run_step(step: Step, source: Path, out: Path, *, name: str, monitor: str) ->
     if step.distill is not None:
         d = step.distill
         raw = _source_raw(source)
-        raw["model"] = {**raw["model"], "init_from": None, **deep_copy(d.model)}
+        student = deep_copy(d.model)
+        if student.get("name", raw["model"].get("name")) != raw["model"].get("name"):
+            raw["model"] = student  # another architecture: none of the teacher's own model settings apply
+        raw["model"] = {**raw["model"], "init_from": None, **student}
         raw["distill"] = {
             "teacher": str(source),
             "alpha": d.alpha,

@@ -44,12 +44,38 @@ def _parse_scalar(text: str) -> Any:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``key.path=value`` applied (YAML-typed values)."""
     result: dict[str, Any] = deep_copy(raw)
+    parsed = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key.path=value")
         path, _, text = item.partition("=")
-        set_path(result, path.strip(), _parse_scalar(text))
+        parsed.append((path.strip(), _parse_scalar(text)))
+    # A component switch first: it drops the previous component's own settings, and the overrides that
+    # follow are the new component's (a key it does not take is then an error, whatever the order given).
+    parsed.sort(key=lambda item: not _is_component_name(item[0]))
+    for path, value in parsed:
+        set_path(result, path, value)
     return result
+
+
+def _is_component_name(path: str) -> bool:
+    return path in {f"{kind.path}.name" for kind in (MODELS, DATA, OPTIMIZERS)}
+
+
+def _switch_component(raw: dict[str, Any], kind_path: str, name: Any) -> None:
+    """``raw[kind_path]`` keeps only what component ``name`` takes, when ``name`` replaces another component.
+
+    Switching ``optim.name=sgd`` on a saved Adam run must not fail on the Adam run's ``betas``: those were
+    the previous component's settings, not the user's words for the new one.
+    """
+    kind = {k.path: k for k in (MODELS, DATA, OPTIMIZERS)}[kind_path]
+    section = raw.get(kind_path)
+    if not isinstance(section, dict) or not isinstance(name, str) or name not in kind.names():
+        return
+    if section.get("name", kind.default) == name:
+        return
+    own = kind.get(name).section.model_fields
+    raw[kind_path] = {k: v for k, v in section.items() if k in own}
 
 
 def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
@@ -57,6 +83,8 @@ def set_path(raw: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
     if not all(keys):
         raise ConfigError(f"override {path!r}: empty key in the path")
+    if len(keys) == 2 and keys[1] == "name" and _is_component_name(path):
+        _switch_component(raw, keys[0], value)
     node = raw
     for depth, key in enumerate(keys[:-1]):
         child = node.get(key)

@@ -414,6 +414,7 @@ class RunConfig(Section):
                 f"model.name {self.model.name!r} does not fit data.name {self.data.name!r}: the data makes "
                 f"{made} batches, the model reads {' or '.join(self.model.takes)} (models that read {made}: {readers})"
             )
+        _check_recommender_settings(self)
         if self.distill is not None and self.task.kind in ("regression", "language_modeling", "ranking"):
             raise ValueError(f"distill needs a classification task (task.kind is {self.task.kind!r})")
         if self.distributed.strategy == "fsdp":
@@ -430,9 +431,43 @@ class RunConfig(Section):
             if self.optim.name == "adafactor":
                 # torch.optim.Adafactor updates its row/column statistics in place, which sharded tensors refuse.
                 raise ValueError("optim.name adafactor cannot run on FSDP-sharded parameters; use ddp or another one")
+        if self.distributed.strategy == "fsdp" and "interactions" in self.model.takes:
+            # Embedding lookups of the model's own penalty run outside the sharded forward; sparse gradients
+            # cannot be reduce-scattered.
+            raise ValueError(
+                f"model.name {self.model.name!r} cannot be sharded with distributed.strategy=fsdp; use ddp"
+            )
         if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
             raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
         return self
+
+
+def _check_recommender_settings(cfg: RunConfig) -> None:
+    """What sparse-gradient embeddings and id tables rule out, in one line each."""
+    sparse = bool(getattr(cfg.model, "sparse", False))
+    if cfg.optim.sparse != "sparse_adam" and not sparse:
+        raise ValueError(
+            f"optim.sparse is the optimizer of sparse-gradient embeddings; model.name {cfg.model.name!r} has none "
+            "(set model.sparse=true on a recommender, or leave optim.sparse unset)"
+        )
+    if "interactions" in cfg.model.takes and cfg.noise.eta > 0:
+        raise ValueError(
+            "noise.eta would move row 0 of every embedding table (the user or item unseen in training, kept at "
+            "zero for the bias-only prediction); gradient noise is not available for recommenders"
+        )
+    if sparse:
+        reg = cfg.regularize
+        dense_only = {
+            "regularize.l1": reg.l1 > 0,
+            "regularize.l2": reg.l2 > 0,
+            "regularize.clip_grad_norm": reg.clip_grad_norm is not None,
+        }
+        for name, used in dense_only.items():
+            if used:
+                raise ValueError(
+                    f"{name} acts on every row of every table, which sparse gradients cannot hold; with "
+                    "model.sparse=true use the model's own per-row L2 (model.l2, model.row_l2) or dense tables"
+                )
 
 
 def _factory(registry: Registry[Any]) -> Any:

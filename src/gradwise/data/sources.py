@@ -120,9 +120,9 @@ class MovieLensData(DataSection):
     ``split`` ``random`` splits rating rows by ``val_fraction``/``test_fraction`` (rating regression);
     ``leave_last_out`` keeps each user's latest rating for test and the one before for validation
     (ranking; the fractions are not used); ``negatives`` is how many unrated items each rating is
-    ranked against per step in BPR training (He et al. 2017 use 4). User and item ids are re-indexed on the training split;
-    ids unseen there map to row 0, which every recommender keeps at zero, so they get the
-    bias-only prediction.
+    ranked against per step in BPR training (He et al. 2017 use 4). User and item ids are
+    re-indexed on the training split; ids unseen there map to row 0, which every recommender
+    keeps at zero, so they get the bias-only prediction.
     """
 
     name: Literal["movielens"] = "movielens"
@@ -132,6 +132,15 @@ class MovieLensData(DataSection):
     test_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
 
     yields: ClassVar[str] = "interactions"
+
+    @model_validator(mode="after")
+    def _fractions_only_random(self) -> MovieLensData:
+        if self.split == "leave_last_out" and (self.val_fraction, self.test_fraction) != (0.1, 0.1):
+            raise ValueError(
+                "data.val_fraction / data.test_fraction split rating rows at random; with data.split "
+                "leave_last_out each user's last rating is the test and the one before it the validation"
+            )
+        return self
 
 
 _TABULAR = "gradwise.data.load:load_tabular"

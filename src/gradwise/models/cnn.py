@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import field_validator
 from torch import nn
 
 from gradwise.config.base import Fraction, PositiveInt
@@ -24,10 +24,20 @@ class CNNConfig(ModelSection):
     name: Literal["cnn"] = "cnn"
     channels: list[PositiveInt] = [16, 32]
     kernel_size: PositiveInt = 3
-    hidden: Annotated[list[PositiveInt], Field(max_length=1)] = [128]
+    hidden: list[PositiveInt] = [128]
     activation: Activation = "relu"
     dropout: Fraction = 0.0
     norm: Norm = "none"
+
+    @field_validator("hidden")
+    @classmethod
+    def _one_hidden_layer(cls, hidden: list[int]) -> list[int]:
+        if len(hidden) > 1:
+            raise ValueError(
+                f"model.hidden: the CNN has one hidden layer after its convolutions; give one width or [] "
+                f"(got {hidden})"
+            )
+        return hidden
 
 
 class CNN(nn.Module):

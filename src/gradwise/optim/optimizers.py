@@ -24,7 +24,7 @@ from gradwise.config.kinds import OptimSection
 from gradwise.config.registry import Component
 from gradwise.errors import ConfigError
 from gradwise.optim.custom import AdaptiveLR, EMAMomentum, MuonWithAdamW, muon_hidden_weights, split_for_muon
-from gradwise.optim.param_groups import build_param_groups
+from gradwise.optim.param_groups import DECOUPLED_WD_KEY, build_param_groups
 from gradwise.optim.partitioned import PartitionedOptimizer, sparse_gradient_parameters, split_sparse
 
 OptimConfig = OptimSection  # what every build function receives: the chosen optimizer's own section
@@ -442,6 +442,7 @@ def _with_sparse_part(
     dense_groups, sparse_groups = split_sparse(groups, sparse)
     for group in sparse_groups:
         group["weight_decay"] = 0.0
+        group[DECOUPLED_WD_KEY] = 0.0  # nor the loop's decoupled decay, which would touch every row
     if spec.prepare is not None and dense_groups:
         dense_groups = spec.prepare(model, dense_groups)
     dense = spec.build(dense_groups, cfg) if dense_groups else None

@@ -90,7 +90,8 @@ def unregister_strategy(section: str) -> None:
 
 def active_strategies(cfg: RunConfig, sections: tuple[str, ...] = STRATEGY_SECTIONS) -> list[RunStrategy]:
     """The strategies ``cfg`` uses: the config sections' in ``sections`` order, then the registered ones."""
-    found = [strategy(section) for section in sections]
+    # A section-switched strategy loads only when its section is set (compress/ is slow to import).
+    found = [strategy(s) for s in sections if s == "finetune" or getattr(cfg, s, None) is not None]
     return [s for s in (*found, *_REGISTERED.values()) if s.is_active(cfg)]
 
 
