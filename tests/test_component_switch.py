@@ -55,7 +55,7 @@ def test_what_sparse_tables_and_id_rows_rule_out_is_refused(raw, message):
 
 
 def test_optim_sparse_on_a_model_without_sparse_tables_is_refused():
-    with pytest.raises(ConfigError, match="optim.sparse is the optimizer of sparse-gradient embeddings"):
+    with pytest.raises(ConfigError, match=r"optim\.sparse is the optimizer of sparse-gradient embeddings"):
         validate({"optim": {"name": "adam", "sparse": "adagrad"}})
 
 
