@@ -54,7 +54,8 @@ class Component:
     @property
     def description(self) -> str:
         """``summary``, or the first line of the section's docstring."""
-        return self.summary or (self.section.__doc__ or "").strip().splitlines()[0]
+        line = self.summary or (self.section.__doc__ or "").strip().splitlines()[0]
+        return line.replace("``", "")  # docstrings are reStructuredText; a listing is plain text
 
     def builder(self) -> Callable[..., Any]:
         """The build function, imported on first use when given as a path."""
