@@ -28,13 +28,21 @@ def take(split: Split, rows: torch.Tensor, epoch: int = 0) -> tuple[Batch, torch
     ``draw`` (BPR's negatives) adds what it draws for these rows in ``epoch``, a pure function of
     the two, so a resumed run or another process count draws the same.
     """
-    inputs = rows_of(split.x, rows)
-    if split.lengths is not None and isinstance(inputs, torch.Tensor):
-        inputs = inputs[:, :1] if len(rows) == 0 else inputs[:, : int(split.lengths[rows].max())]
+    inputs = gather(split.x, split.lengths, rows) if isinstance(split.x, torch.Tensor) else rows_of(split.x, rows)
     if split.draw is not None:
         assert isinstance(inputs, Mapping), "a split that draws per batch holds a mapping of inputs"
         inputs = {**inputs, **split.draw(inputs, rows, epoch)}
     return inputs, split.y[rows]
+
+
+def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of ``x``; padded token rows are cut to the batch's longest (dynamic padding)."""
+    rows = x[indices]
+    if lengths is None:
+        return rows
+    if len(indices) == 0:  # a rank's empty share of a short batch: no rows, one column
+        return rows[:, :1]
+    return rows[:, : int(lengths[indices].max())]
 
 
 def rows_of(x: Batch, rows: torch.Tensor) -> Batch:
@@ -59,10 +67,3 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if batch.is_floating_point():
         return batch.to(device, dtype=dtype, non_blocking=True)
     return batch.to(device, non_blocking=True)
-
-
-def batch_rows(batch: Batch) -> int:
-    """How many rows a batch holds (its first tensor's length)."""
-    while isinstance(batch, Mapping):
-        batch = next(iter(batch.values()))
-    return int(batch.shape[0])

@@ -46,7 +46,3 @@ class RankingTask:
         if self._seen is None:
             raise ConfigError("task.kind 'ranking' is scored against the training interactions; load the data")
         return RankingMeter(self.k, self._seen[0], self._seen[1], self.n_items)
-
-
-def build_ranking_task(k: int, n_items: int) -> RankingTask:
-    return RankingTask(k, n_items)

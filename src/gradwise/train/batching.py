@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from gradwise.config import BatchConfig
+from gradwise.data.batches import gather
+
+__all__ = ["BatchPlan", "EpochSampler", "gather"]
 
 
 class EpochSampler:
@@ -165,13 +168,3 @@ class BatchPlan:
             step += 1
             if cursor >= self.n_train:
                 epoch, cursor = epoch + 1, 0
-
-
-def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` of ``x``; padded token rows are cut to the batch's longest (dynamic padding)."""
-    rows = x[indices]
-    if lengths is None:
-        return rows
-    if len(indices) == 0:  # a rank's empty share of a short batch: no rows, one column
-        return rows[:, :1]
-    return rows[:, : int(lengths[indices].max())]

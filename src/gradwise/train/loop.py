@@ -371,10 +371,6 @@ class _Silent:
         return lambda *args, **kwargs: None
 
 
-def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 def _eval_due(cfg: RunConfig, epoch_ended: bool, step: int, total_steps: int) -> bool:
     if step == total_steps:
         return True
