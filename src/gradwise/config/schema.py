@@ -36,14 +36,17 @@ class TaskConfig(Section):
 
     ``ranking`` learns from implicit feedback (BPR, Rendle et al. 2009) and is scored by HR@``k`` and
     NDCG@``k`` over every item the user has not rated; interactions data with ``kind: auto`` is rating
-    regression (RMSE, MAE).
+    regression (RMSE, MAE). ``preference`` tunes a causal LM on chosen/rejected pairs: ``loss`` ``dpo``
+    (Rafailov et al. 2023) or ``ipo`` (Azar et al. 2023), with ``beta`` the strength of the pull
+    towards the reference model (the model as loaded).
     """
 
-    kind: Literal["auto", "classification", "regression", "language_modeling", "ranking"] = "auto"
-    loss: Literal["auto", "cross_entropy", "mse", "mae", "huber", "bpr"] = "auto"
+    kind: Literal["auto", "classification", "regression", "language_modeling", "ranking", "preference"] = "auto"
+    loss: Literal["auto", "cross_entropy", "mse", "mae", "huber", "bpr", "dpo", "ipo"] = "auto"
     label_smoothing: Fraction = 0.0
     huber_delta: PositiveFloat = 1.0
     k: PositiveInt = 10
+    beta: PositiveFloat = 0.1
 
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
@@ -51,6 +54,12 @@ class TaskConfig(Section):
             raise ValueError(f"task.loss {self.loss!r} does not apply to ranking (bpr)")
         if self.loss == "bpr" and self.kind != "ranking":
             raise ValueError("task.loss 'bpr' needs task.kind 'ranking'")
+        if self.loss in ("dpo", "ipo") and self.kind not in ("auto", "preference"):
+            raise ValueError(f"task.loss {self.loss!r} needs task.kind 'preference' (chosen/rejected pairs)")
+        if self.kind == "preference" and self.loss not in ("auto", "dpo", "ipo"):
+            raise ValueError(f"task.loss {self.loss!r} does not apply to preference tuning (dpo or ipo)")
+        if self.beta != 0.1 and self.kind not in ("auto", "preference"):
+            raise ValueError("task.beta is the DPO/IPO temperature; it needs task.kind 'preference'")
         if self.k != 10 and self.kind != "ranking":
             raise ValueError("task.k is the cutoff of ranking metrics (HR@k, NDCG@k); it needs task.kind 'ranking'")
         if self.kind == "language_modeling" and self.loss not in ("auto", "cross_entropy"):
@@ -104,7 +113,9 @@ class LoraConfig(Section):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16.0
     dropout: Fraction = 0.05
-    target_modules: list[str] = ["query", "value"]
+    # None: PEFT's defaults for the architecture (query/value for BERT, q_proj/v_proj for Llama and Qwen2, c_attn
+    # for GPT-2).
+    target_modules: list[str] | None = None
 
 
 class FinetuneConfig(Section):
@@ -399,8 +410,17 @@ class RunConfig(Section):
             raise ValueError(
                 f"optim.name 'gd' is full-batch gradient descent; set batch.size=full (got {self.batch.size})"
             )
-        if self.finetune.lora is not None and self.model.name != "hf_encoder":
-            raise ValueError(f"finetune.lora supports model.name 'hf_encoder' only (got {self.model.name!r})")
+        if self.finetune.lora is not None and self.model.name not in ("hf_encoder", "hf_causal_lm"):
+            raise ValueError(
+                f"finetune.lora supports model.name 'hf_encoder' and 'hf_causal_lm' only (got {self.model.name!r})"
+            )
+        if self.task.kind == "preference" and self.model.init_from is not None:
+            raise ValueError(
+                "task.kind preference scores against the model as loaded from model.path; instead of model.init_from, "
+                "export that run (gradwise export RUN --format hf) and set model.path to the export"
+            )
+        if getattr(self.model, "load_in_4bit", False) and self.finetune.lora is None:
+            raise ValueError("model.load_in_4bit freezes the base in 4-bit (QLoRA): set finetune.lora to train adapters")
         if self.finetune != FinetuneConfig() and not self.model.body and self.model.init_from is None:
             bodies = ", ".join(c.name for c in MODELS if c.section.body)
             raise ValueError(
@@ -415,7 +435,7 @@ class RunConfig(Section):
                 f"{made} batches, the model reads {' or '.join(self.model.takes)} (models that read {made}: {readers})"
             )
         _check_recommender_settings(self)
-        if self.distill is not None and self.task.kind in ("regression", "language_modeling", "ranking"):
+        if self.distill is not None and self.task.kind in ("regression", "language_modeling", "ranking", "preference"):
             raise ValueError(f"distill needs a classification task (task.kind is {self.task.kind!r})")
         if self.distributed.strategy == "fsdp":
             # Each of these holds references to whole parameters that fully_shard replaces with shards.

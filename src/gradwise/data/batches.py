@@ -28,11 +28,22 @@ def take(split: Split, rows: torch.Tensor, epoch: int = 0) -> tuple[Batch, torch
     ``draw`` (BPR's negatives) adds what it draws for these rows in ``epoch``, a pure function of
     the two, so a resumed run or another process count draws the same.
     """
-    inputs = gather(split.x, split.lengths, rows) if isinstance(split.x, torch.Tensor) else rows_of(split.x, rows)
+    targets = split.y[rows]
+    if isinstance(split.x, torch.Tensor):
+        inputs: Batch = gather(split.x, split.lengths, rows)
+    else:
+        inputs = rows_of(split.x, rows)
+        if split.lengths is not None:  # packed token rows: every tensor of the mapping is cut alike
+            inputs = _trimmed(inputs, _longest(split.lengths, rows))
+    if split.lengths is not None and targets.dim() == 2:  # per-token targets follow their inputs' width
+        targets = targets[:, : _longest(split.lengths, rows)]
     if split.draw is not None:
         assert isinstance(inputs, Mapping), "a split that draws per batch holds a mapping of inputs"
         inputs = {**inputs, **split.draw(inputs, rows, epoch)}
-    return inputs, split.y[rows]
+    if split.collate is not None:
+        assert split.lengths is not None, "a split that collates its batches records its rows' lengths"
+        inputs, targets = split.collate(inputs, targets, split.lengths[rows])
+    return inputs, targets
 
 
 def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,17 @@ def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor)
     if len(indices) == 0:  # a rank's empty share of a short batch: no rows, one column
         return rows[:, :1]
     return rows[:, : int(lengths[indices].max())]
+
+
+def _longest(lengths: torch.Tensor, rows: torch.Tensor) -> int:
+    # A rank's empty share of a short batch keeps one column, as gather does.
+    return int(lengths[rows].max()) if len(rows) else 1
+
+
+def _trimmed(batch: Batch, width: int) -> Batch:
+    if isinstance(batch, Mapping):
+        return {key: _trimmed(value, width) for key, value in batch.items()}
+    return batch[:, :width]
 
 
 def rows_of(x: Batch, rows: torch.Tensor) -> Batch:

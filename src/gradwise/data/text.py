@@ -134,8 +134,8 @@ def load_text_dataset(
     )
 
 
-def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
-    """The Hugging Face tokenizer saved in ``tokenizer_dir`` (local files only; it must have a pad token).
+def load_tokenizer(tokenizer_dir: Path, *, need_pad: bool = True) -> PreTrainedTokenizerBase:
+    """The Hugging Face tokenizer saved in ``tokenizer_dir`` (local files only; with ``need_pad``, it must have a pad token).
 
     Raises:
         ConfigError: the directory holds no loadable tokenizer, or the tokenizer has no pad token.
@@ -148,7 +148,7 @@ def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model.path: no usable tokenizer in {tokenizer_dir} ({first_line(exc)})") from None
-    if tokenizer.pad_token_id is None:
+    if need_pad and tokenizer.pad_token_id is None:
         raise ConfigError(f"model.path: the tokenizer in {tokenizer_dir} has no pad token, so texts cannot be batched")
     return tokenizer
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-TaskKind = Literal["classification", "regression", "language_modeling", "ranking"]
+TaskKind = Literal["classification", "regression", "language_modeling", "ranking", "preference"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class DataInfo:
         tokenizer_dir: Directory holding the tokenizer files (``tokenizer.json`` …) for text data, else None.
         interactions: For interactions data, the sizes a recommender is built with (``n_users``,
             ``n_items``, ``global_mean``, the item genre bags ``genre_ids``/``genre_offsets``, ``n_genres``).
+        chat_template: For chat data, the Jinja chat template the examples were rendered with (the
+            tokenizer's own, or gradwise's default for a tokenizer without one), so generation and
+            export use the same one.
+        text_stats: For chat and preference data, what tokenizing did (examples kept, truncated, dropped)
+            and how the training split is laid out (rows, tokens, padding).
     """
 
     kind: TaskKind
@@ -50,6 +55,8 @@ class DataInfo:
     pad_token_id: int | None = None
     tokenizer_dir: str | None = None
     interactions: dict[str, Any] | None = None
+    chat_template: str | None = None
+    text_stats: dict[str, Any] | None = None
 
     @classmethod
     def from_record(cls, raw: dict, source: str) -> DataInfo:
@@ -80,12 +87,15 @@ class Split:
             trims each batch to its longest sequence (dynamic padding). None for fixed-width inputs.
         draw: ``(inputs, rows, epoch) -> more inputs`` added to each training batch, a pure function of
             its arguments (BPR's sampled negatives), so resuming and any process count draw the same.
+        collate: ``(inputs, targets, lengths) -> (inputs, targets)`` applied to every batch taken (all
+            splits): a new layout of the same rows, e.g. padding-free batches (one concatenated row).
     """
 
     x: Any
     y: torch.Tensor
     lengths: torch.Tensor | None = None
     draw: Callable[[Mapping[str, torch.Tensor], torch.Tensor, int], dict[str, torch.Tensor]] | None = None
+    collate: Callable[[Any, torch.Tensor, torch.Tensor], tuple[Any, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -57,8 +57,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         raise ConfigError(f"finetune.lora needs a model with a 'body' and a 'head'; {type(model).__name__} has not")
     if is_lora(model):
         raise ConfigError("finetune.lora: the model already has LoRA adapters")
-    linear = [name for name, module in body.named_modules() if isinstance(module, nn.Linear)]
-    for target in cfg.target_modules:
+    linear = [name for name, module in body.named_modules() if _is_linear(module)]
+    for target in cfg.target_modules or []:
         if not any(name == target or name.endswith("." + target) for name in linear):
             choices = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
             raise ConfigError(
@@ -68,12 +68,26 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=list(cfg.target_modules) if cfg.target_modules is not None else None,
         bias="none",
     )
-    with _quiet_peft():
-        model.body = get_peft_model(body, peft_cfg)
+    try:
+        with _quiet_peft():
+            model.body = get_peft_model(body, peft_cfg)
+    except ValueError as exc:  # no default targets for this architecture
+        raise ConfigError(f"finetune.lora.target_modules: {first_line(exc)}") from None
     return model
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # GPT-2 keeps its projections in transformers' Conv1D (a transposed Linear), which PEFT adapts too.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def head_in_body(model: nn.Module) -> bool:
+    """Whether the head is part of the body (a causal LM's ``lm_head``): LoRA then leaves it frozen and unsaved."""
+    body_params = {id(p) for p in model.body.parameters()}
+    return all(id(p) in body_params for p in model.head.parameters())
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -99,7 +113,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def save_adapter(model: nn.Module, out_dir: Path) -> None:
-    """Write the adapters (``adapter_model.safetensors``, ``adapter_config.json``) and ``head.safetensors``.
+    """Write the adapters (``adapter_model.safetensors``, ``adapter_config.json``) and ``head.safetensors``
+    (unless the head is part of the body, as a causal LM's ``lm_head``: then LoRA never trained it).
 
     The directory is written under a temporary name and renamed into place, so
     a run killed while saving leaves the previous one intact.
@@ -114,8 +129,9 @@ def save_adapter(model: nn.Module, out_dir: Path) -> None:
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.body.save_pretrained(str(tmp), safe_serialization=True)
-    head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    save_file(head, str(tmp / HEAD_FILE))
+    if not head_in_body(model):
+        head = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(head, str(tmp / HEAD_FILE))
     for file in tmp.iterdir():
         with open(file, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -138,16 +154,20 @@ def load_adapter(model: nn.Module, adapter_dir: Path, *, trainable: bool = False
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_FILE):
+    separate_head = not head_in_body(model)
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *([HEAD_FILE] if separate_head else [])):
         if not (adapter_dir / file).is_file():
             raise CheckpointError(f"{adapter_dir}: no {file}; not a directory written by save_adapter")
     if is_lora(model):
         raise CheckpointError(f"{adapter_dir}: the model already has LoRA adapters; load into a fresh model")
-    try:
-        head = load_file(str(adapter_dir / HEAD_FILE))
-        model.head.load_state_dict(head)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{adapter_dir / HEAD_FILE}: does not fit the model's head ({first_line(exc)})") from None
+    if separate_head:
+        try:
+            head = load_file(str(adapter_dir / HEAD_FILE))
+            model.head.load_state_dict(head)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{adapter_dir / HEAD_FILE}: does not fit the model's head ({first_line(exc)})"
+            ) from None
     try:
         with _quiet_peft():
             model.body = PeftModel.from_pretrained(model.body, str(adapter_dir), is_trainable=trainable)

@@ -36,7 +36,7 @@ class MetricMeter(Protocol):
 class Task(Protocol):
     """A loss (mean and summed over a batch), a meter factory and the metric to monitor by default."""
 
-    kind: Literal["classification", "regression", "language_modeling", "ranking"]
+    kind: Literal["classification", "regression", "language_modeling", "ranking", "preference"]
     loss_name: str
     default_monitor: str
 
@@ -59,6 +59,12 @@ def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
         if info.kind != "language_modeling":
             raise ConfigError(f"task.kind 'language_modeling' needs a text corpus; {label!r} is a {info.kind} dataset")
         return build_language_modeling_task(cfg, info)
+    if info.kind == "preference" or cfg.kind == "preference":
+        from gradwise.tasks.preference import PreferenceTask
+
+        if info.kind != "preference" or info.text_stats is None:
+            raise ConfigError(f"task.kind 'preference' needs chosen/rejected pairs; {label!r} is a {info.kind} dataset")
+        return PreferenceTask(cfg.beta, "ipo" if cfg.loss == "ipo" else "dpo", int(info.text_stats["examples"]))
     if info.kind == "ranking" or cfg.kind == "ranking":
         from gradwise.tasks.ranking_task import RankingTask
 

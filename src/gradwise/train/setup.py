@@ -22,7 +22,7 @@ from gradwise.optim.transforms import GradientChain, gradient_chain
 from gradwise.tasks import Task, build_task
 from gradwise.train.adapt import adapt_structure, model_dir, prepare_for_training
 from gradwise.train.batching import BatchPlan, EpochSampler
-from gradwise.train.device import parameter_dtype, resolve_device, to_device
+from gradwise.train.device import autocast, parameter_dtype, resolve_device, to_device
 from gradwise.train.hooks import Hook
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
@@ -72,6 +72,9 @@ def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dat
     bind = getattr(task, "bind", None)
     if bind is not None:  # a task scored against the whole data (ranking excludes each user's training items)
         bind(data.extras)
+    prepare = getattr(task, "prepare", None)
+    if prepare is not None:  # a task scored against the model as loaded (preference tuning's reference model)
+        prepare(model, data, device, lambda: autocast(device, cfg.precision))
     return data, model, task, device
 
 
@@ -101,7 +104,12 @@ def build_model_for(cfg: RunConfig, info: DataInfo, *, training: bool = False) -
     """The model (with its adapters) on its device and the task, sized by ``info``: no data needed."""
     device = resolve_device(cfg.device)
     model = adapt_structure(cfg, build_model(cfg.model, info), training=training)
-    model = model.to(device, dtype=parameter_dtype(cfg.precision))
+    if getattr(cfg.model, "load_in_4bit", False):
+        pass  # bitsandbytes placed the quantized base on its GPU; its 4-bit weights take no dtype
+    elif getattr(cfg.model, "dtype", "float32") != "float32":
+        model = model.to(device)  # the weights keep the dtype they were loaded in (a bf16 frozen base)
+    else:
+        model = model.to(device, dtype=parameter_dtype(cfg.precision))
     return model, build_task(cfg.task, info), device
 
 

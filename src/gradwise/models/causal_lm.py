@@ -1,0 +1,228 @@
+"""A pretrained Hugging Face causal language model from a local directory, fine-tuned as is.
+
+Any architecture ``AutoModelForCausalLM`` knows (GPT-2, Llama, Qwen2, Mistral, Phi, …) loads
+with ``local_files_only=True``: nothing is fetched. The wrapped model keeps the library's
+module names under ``body.`` (``body.model.layers.0.self_attn.q_proj.weight``), so what is
+saved exports back to Hugging Face format by dropping that prefix.
+
+The forward takes the three token layouts gradwise's LM data make: padded rows ``(B, L)``
+(right padding needs no mask: causal attention never looks ahead at it), packed rows
+(``{"input_ids", "position_ids"}``, several examples per row, position ids restarting at each
+one; attention stays inside each example), and pairs ``(B, 2, L)`` for preference tuning
+(run as ``2B`` rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gradwise.config.kinds import ModelSection
+from gradwise.config.registry import Component
+from gradwise.data.readers import first_line
+from gradwise.data.types import DataInfo
+from gradwise.errors import ConfigError
+from gradwise.models.hf_encoder import _enable_checkpointing, _layer_list, _quiet_transformers
+
+
+class HFCausalLMConfig(ModelSection):
+    """``hf_causal_lm``: a pretrained Hugging Face causal LM from a local directory (its tokenizer and chat template too).
+
+    ``dtype`` is the dtype the weights load in (``bfloat16`` halves the memory of a frozen base;
+    trainable LoRA adapters stay fp32); ``attention`` picks the implementation (``auto``: flash
+    attention 2 on CUDA where the flash-attn package is installed, else PyTorch's SDPA);
+    ``load_in_4bit`` loads the frozen base in 4-bit NF4 through bitsandbytes for QLoRA
+    (needs ``finetune.lora`` and a CUDA GPU).
+    """
+
+    name: Literal["hf_causal_lm"] = "hf_causal_lm"
+    path: Path
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+
+    takes: ClassVar[tuple[str, ...]] = ("tokens", "packed_tokens", "token_pairs")
+    body: ClassVar[bool] = True
+
+    def pretrained_dir(self) -> Path:
+        return self.path
+
+
+class HFCausalLM(nn.Module):
+    """A Hugging Face causal LM ``body``; ``forward`` returns next-token logits in the layout of its input.
+
+    Args:
+        body: The ``AutoModelForCausalLM`` model.
+        attention: The attention implementation it was loaded with; flash attention reads packed
+            rows from ``position_ids`` alone (its variable-length path), the others get a
+            block-diagonal causal mask.
+
+    References:
+        Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama); Dao 2023, "FlashAttention-2".
+    """
+
+    def __init__(self, body: nn.Module, attention: str) -> None:
+        super().__init__()
+        self.body = body
+        self.attention = attention
+
+    @property
+    def head(self) -> nn.Module:
+        """The output projection (``lm_head``; often tied to the token embedding)."""
+        return self.body.get_output_embeddings()
+
+    @property
+    def config(self) -> Any:
+        """The library model's config (``model_type``, ``vocab_size``, …)."""
+        return self.body.config
+
+    def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Logits ``(*lead, L, V)`` for token ids ``(*lead, L)`` or packed ``{"input_ids", "position_ids"}``."""
+        if isinstance(inputs, Mapping):
+            ids, positions = inputs["input_ids"], inputs.get("position_ids")
+        else:
+            ids, positions = inputs, None
+        lead, length = ids.shape[:-1], ids.shape[-1]
+        kwargs: dict[str, Tensor] = {}
+        if positions is not None:
+            positions = positions.reshape(-1, length)
+            kwargs["position_ids"] = positions
+            if self.attention != "flash_attention_2":
+                kwargs["attention_mask"] = packed_attention_bias(positions, self._compute_dtype())
+        logits = self.body(input_ids=ids.reshape(-1, length), use_cache=False, **kwargs).logits
+        return logits.reshape(*lead, length, logits.shape[-1])
+
+    def _compute_dtype(self) -> torch.dtype:
+        dtype = self.body.get_input_embeddings().weight.dtype
+        if torch.is_autocast_enabled(self.body.device.type):
+            return torch.get_autocast_dtype(self.body.device.type)
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def embeddings(self) -> nn.Module:
+        """The token embedding (NEFTune adds its noise to this module's output)."""
+        return self.body.get_input_embeddings()
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder layers, bottom first."""
+        return list(_layer_list(self.body))
+
+
+def packed_attention_bias(position_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive ``(B, 1, L, L)`` mask: token i sees token j iff j ≤ i and both are in the same example.
+
+    An example starts wherever ``position_ids`` is 0, so each row's examples are the runs between
+    zeros; the mask is 0 where attention is allowed and the dtype's lowest value elsewhere (the
+    form both eager and SDPA attention add to their scores).
+    """
+    example = torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)  # (B, L): which example a token is in
+    same = example.unsqueeze(-1) == example.unsqueeze(-2)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (same & causal).unsqueeze(1)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def build_hf_causal_lm(cfg: HFCausalLMConfig, info: DataInfo) -> HFCausalLM:
+    """Load the causal LM in ``model.path`` for the tokenized data ``info``.
+
+    Raises:
+        ConfigError: the directory is not a loadable causal LM, its vocabulary or context is too
+            small for the data, or 4-bit loading has no kernel on this machine.
+    """
+    directory = cfg.path
+    if not directory.is_dir() or not (directory / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: {directory} is not a Hugging Face model directory (no config.json; as written by "
+            "save_pretrained or gradwise export --format hf)"
+        )
+    if info.kind not in ("language_modeling", "preference") or info.vocab_size is None:
+        label = info.name or info.source
+        raise ConfigError(f"model.name 'hf_causal_lm' needs chat, instruct, text or preference data; {label!r} is not")
+    from transformers import AutoModelForCausalLM  # heavy import, only for LLM runs
+
+    attention = _attention(cfg)
+    kwargs: dict[str, Any] = {
+        "local_files_only": True,
+        "dtype": torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
+        "attn_implementation": attention,
+    }
+    if cfg.load_in_4bit:
+        kwargs.update(_four_bit(cfg))
+    try:
+        with _quiet_transformers():
+            body = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise ConfigError(f"model.path: cannot load a causal LM from {directory} ({first_line(exc)})") from None
+    embedded = body.get_input_embeddings().num_embeddings
+    if info.vocab_size > embedded:
+        raise ConfigError(
+            f"model.path: the tokenizer has {info.vocab_size} tokens but the model in {directory} embeds only "
+            f"{embedded}; the tokenizer belongs to another model"
+        )
+    positions = getattr(body.config, "max_position_embeddings", None) or getattr(body.config, "n_positions", None)
+    if isinstance(positions, int) and info.n_features > positions:
+        raise ConfigError(
+            f"data.max_length: {info.n_features} tokens, but the model in {directory} reads at most {positions}; "
+            f"set data.max_length to {positions} or less"
+        )
+    body.config.use_cache = False
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        body = prepare_model_for_kbit_training(body, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        _enable_checkpointing(body, directory)
+    return HFCausalLM(body, attention).train()
+
+
+def _attention(cfg: HFCausalLMConfig) -> str:
+    if cfg.attention != "auto":
+        if cfg.attention == "flash_attention_2" and not _has_flash_attention():
+            raise ConfigError(
+                "model.attention flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                "(pip install flash-attn); use sdpa"
+            )
+        return cfg.attention
+    return "flash_attention_2" if _has_flash_attention() else "sdpa"
+
+
+def _has_flash_attention() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _four_bit(cfg: HFCausalLMConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments for an NF4 base (Dettmers et al. 2023, "QLoRA"), or a one-line refusal."""
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.load_in_4bit: no 4-bit kernel for this device; QLoRA's NF4 base needs a CUDA GPU with the "
+            "bitsandbytes package (pip install bitsandbytes); on this machine use model.dtype=bfloat16 with "
+            "finetune.lora instead"
+        )
+    try:
+        from transformers import BitsAndBytesConfig
+
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.load_in_4bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+
+
+COMPONENT = Component(HFCausalLMConfig, build_hf_causal_lm, "pretrained Hugging Face causal LM (local directory)")
