@@ -70,6 +70,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) if cfg.target_modules is not None else None,
         bias="none",
+        # Conv1D (GPT-2) stores its weight transposed; PEFT must know to adapt it the right way round.
+        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in body.modules()),
     )
     try:
         with _quiet_peft():

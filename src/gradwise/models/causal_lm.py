@@ -70,6 +70,16 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.body = body
         self.attention = attention
+        # Tied weights (lm_head = embed_tokens) are saved once (safetensors refuses shared tensors) and tied on load.
+        self.register_state_dict_post_hook(_drop_tied_copies)
+        self.register_load_state_dict_pre_hook(_restore_tied_copies)
+
+    def tied_names(self) -> list[list[str]]:
+        """Groups of parameter names that are one tensor (first name kept in the state dict)."""
+        groups: dict[int, list[str]] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
 
     @property
     def head(self) -> nn.Module:
@@ -110,6 +120,19 @@ class HFCausalLM(nn.Module):
     def blocks(self) -> list[nn.Module]:
         """The decoder layers, bottom first."""
         return list(_layer_list(self.body))
+
+
+def _drop_tied_copies(module: HFCausalLM, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for names in module.tied_names():
+        for name in names[1:]:
+            state_dict.pop(prefix + name, None)
+
+
+def _restore_tied_copies(module: HFCausalLM, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for first, *copies in module.tied_names():
+        if prefix + first in state_dict:
+            for name in copies:
+                state_dict.setdefault(prefix + name, state_dict[prefix + first])
 
 
 def packed_attention_bias(position_ids: Tensor, dtype: torch.dtype) -> Tensor:

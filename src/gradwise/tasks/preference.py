@@ -117,7 +117,8 @@ class PreferenceMeter:
     """Sums ``[pairs, Σloss, Σ(chosen ranked above rejected), Σmargin, Σchosen reward, Σrejected reward]``.
 
     ``accuracy`` is the preference accuracy: the share of pairs whose implicit reward
-    ``β·(logp − ref)`` is higher for the chosen completion; rewards are reported as β-scaled.
+    ``β·(logp − ref)`` is higher for the chosen completion, a tie counting half (the model as
+    loaded ties every pair: 0.5); rewards are reported as β-scaled.
     """
 
     def __init__(self, task: PreferenceTask) -> None:
@@ -134,7 +135,7 @@ class PreferenceMeter:
             [
                 torch.tensor(float(len(margin)), dtype=torch.float64),
                 loss.cpu(),
-                (margin > 0).sum().double().cpu(),
+                ((margin > 0).double() + 0.5 * (margin == 0).double()).sum().cpu(),
                 margin.sum().cpu(),
                 rewards[:, 0].sum().cpu(),
                 rewards[:, 1].sum().cpu(),
