@@ -105,15 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser(
         "export",
-        help="export a run's weights (LoRA adapters alone or merged)",
+        help="export a run's weights (gradwise or Hugging Face format; LoRA adapters alone or merged)",
         formatter_class=fmt,
         description="Write RUN_DIR/export/ (or -o DIR): model.safetensors, config.yaml and the tokenizer; for a LoRA "
         "run the adapter alone, or with --merge the adapters folded into the base weights.\n\n"
-        "examples:\n  gradwise export runs/minilm-topics-lora --merge\n  gradwise export runs/digits-cnn -o /tmp/cnn",
+        "--format hf writes RUN_DIR/export-hf/ (or -o DIR) for Hugging Face libraries: hf_causal_lm and gpt runs "
+        "load with AutoModelForCausalLM and AutoTokenizer (with the run's chat template), a LoRA run without "
+        "--merge as PEFT adapters over its base (PeftModel.from_pretrained), hf_encoder runs with AutoModel plus "
+        "head.safetensors and head_config.json. A gpt export can be the model.path of an hf_causal_lm run.\n\n"
+        "examples:\n  gradwise export runs/minilm-topics-lora --merge\n  gradwise export runs/digits-cnn -o /tmp/cnn\n"
+        "  gradwise export runs/sft --format hf -o /tmp/sft-hf\n  gradwise export runs/gpt-python --format hf",
     )
     exp.add_argument("run_dir", type=Path)
     exp.add_argument("--merge", action="store_true", help="merge LoRA adapters into the base weights")
     exp.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    exp.add_argument(
+        "--format",
+        choices=["gradwise", "hf"],
+        default="gradwise",
+        help="gradwise: gradwise's own files (default); hf: Hugging Face save_pretrained format",
+    )
     exp.add_argument("-o", "--out", type=Path, default=None, help="output directory (default RUN_DIR/export)")
 
     con = sub.add_parser(
@@ -468,6 +479,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from gradwise.experiments.export_hf import export_hf
+
+        written = export_hf(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint)
+        print(written.out)
+        if written.adapter_base is not None:
+            print(
+                f"adapters only (LoRA, not merged): the base model is {written.adapter_base}; load with "
+                f"PeftModel.from_pretrained(AutoModel…from_pretrained(base), '{written.out}'), or export with --merge"
+            )
+        return 0
     from gradwise.experiments.export import export_run
 
     print(export_run(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint))

@@ -1,4 +1,9 @@
-"""Exporting a run's weights for use outside gradwise: plain, adapter, or adapters merged."""
+"""Exporting a run's weights for use outside gradwise: plain, adapter, or adapters merged.
+
+This is the default format (``gradwise export RUN``): gradwise's own state dict, config.yaml and the
+tokenizer, which gradwise reads back. ``--format hf`` (:mod:`gradwise.experiments.export_hf`) writes
+what Hugging Face libraries load as is.
+"""
 
 from __future__ import annotations
 
@@ -28,16 +33,7 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
     The default destination ``RUN_DIR/export`` is inside the run directory, which may have come from
     anyone: a link planted there (or anywhere in the run) is refused rather than written through.
     """
-    config_file = run_dir / CONFIG_FILE
-    if merge and config_file.exists():
-        saved = validate(read_saved_config(config_file), source=str(config_file))
-        if saved.finetune.lora is None:
-            raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
-    out = out or run_dir / "export"
-    if _within(out, run_dir) or out.is_symlink():
-        audit_for_writing(run_dir)
-        if out.is_symlink():
-            raise CheckpointError(f"{out}: a symbolic link; gradwise never writes through links")
+    out = export_destination(run_dir, out, merge=merge)
     if _export_quantized(run_dir, out):
         return out
     cfg, _, model, _, _ = load_run_model(run_dir, checkpoint, with_data=False)
@@ -54,6 +50,27 @@ def export_run(run_dir: Path, out: Path | None = None, *, merge: bool = False, c
         cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"lora": None})})
     save_tensors(out / "model.safetensors", model.state_dict(), metadata={"source": str(run_dir), "merged": str(merge)})
     _copy_extras(run_dir, out, cfg)
+    return out
+
+
+def export_destination(run_dir: Path, out: Path | None, *, merge: bool, default: str = "export") -> Path:
+    """Where an export of ``run_dir`` goes (``out``, else ``RUN_DIR/<default>``), checked before anything is written.
+
+    Raises:
+        ConfigError: ``merge`` is asked of a run without LoRA adapters.
+        CheckpointError: ``out`` is a symbolic link, or it lies inside the run and the run holds a link
+            gradwise did not make (see :func:`~gradwise.store.paths.audit_for_writing`).
+    """
+    config_file = run_dir / CONFIG_FILE
+    if merge and config_file.exists():
+        saved = validate(read_saved_config(config_file), source=str(config_file))
+        if saved.finetune.lora is None:
+            raise ConfigError(f"export --merge: {run_dir} has no LoRA adapters to merge (finetune.lora is not set)")
+    out = out or run_dir / default
+    if _within(out, run_dir) or out.is_symlink():
+        audit_for_writing(run_dir)
+        if out.is_symlink():
+            raise CheckpointError(f"{out}: a symbolic link; gradwise never writes through links")
     return out
 
 

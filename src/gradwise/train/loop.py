@@ -75,6 +75,7 @@ class Counters:
     step: int = 0
     examples: int = 0
     elapsed_s: float = 0.0
+    loss_terms: int = 0  # what the loss averaged over: examples, target tokens (language models) or pairs
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,10 @@ def _fit(
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
-                result, epoch_ended = _train_step(parts, counters.step, net, ctx)
+                result, epoch_ended, terms = _train_step(parts, counters.step, net, ctx)
                 counters.step += 1
                 counters.examples += result.batch_size
+                counters.loss_terms += terms
                 step = counters.step
                 record = {"kind": "train", "step": step, "epoch": round(parts.sampler.progress, 6)}
                 record.update(examples=counters.examples, **vars(result))
@@ -299,7 +301,9 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
 # --------------------------------------------------------------------------- one optimizer step
 
 
-def _train_step(parts: RunParts, step: int, net: nn.Module, ctx: distributed.Distributed) -> tuple[StepResult, bool]:
+def _train_step(
+    parts: RunParts, step: int, net: nn.Module, ctx: distributed.Distributed
+) -> tuple[StepResult, bool, int]:
     """Take the next batch, accumulate its gradient over micro-batches, and update the weights.
 
     ``net`` is the model the forward pass goes through: the model itself, or its DistributedDataParallel
@@ -359,7 +363,7 @@ def _train_step(parts: RunParts, step: int, net: nn.Module, ctx: distributed.Dis
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
     grad_norm = applied.get("grad_norm")
     result = StepResult(loss=loss_sum / scale, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
-    return result, epoch_ended
+    return result, epoch_ended, terms
 
 
 class _Silent:
@@ -541,6 +545,7 @@ def _finish(
         "wall_time_s": round(counters.elapsed_s, 3),
         "examples_per_s": round(counters.examples / max(counters.elapsed_s, 1e-9), 1),
         "parameters": count_parameters(parts.model),
+        "trainable_parameters": sum(p.numel() for p in parts.model.parameters() if p.requires_grad),
         # What one process holds of the training state (the largest over ranks): FSDP divides it by the world.
         "state_mb_per_process": _state_mb_per_process(parts, ctx),
         "processes": ctx.world,
@@ -549,6 +554,11 @@ def _finish(
         "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name,
     }
+    if info.kind == "language_modeling":
+        summary["target_tokens"] = counters.loss_terms
+        summary["target_tokens_per_s"] = round(counters.loss_terms / max(counters.elapsed_s, 1e-9), 1)
+    if info.text_stats is not None:  # what tokenizing kept, cut and dropped; rows and padding of the layout
+        summary["data_stats"] = info.text_stats
     confusion = (test or val).confusion
     if confusion is not None:
         summary["confusion_matrix"] = {
