@@ -144,17 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="sample text from a language-model run",
+        help="sample text from a language-model run, or its reply to a chat message",
         formatter_class=fmt,
-        description="Sample a continuation of PROMPT from a language-model run's best checkpoint; the same seed "
-        "gives the same text.\n\nexample:\n"
-        "  gradwise generate runs/gpt-python --prompt 'def main(' --max-new-tokens 120",
+        description="Sample a continuation of PROMPT from a language-model run's best checkpoint, or with --chat the "
+        "reply of an hf_causal_lm run to MESSAGE (rendered with the run's chat template, printed alone); the same "
+        "seed gives the same text.\n\nexamples:\n"
+        "  gradwise generate runs/gpt-python --prompt 'def main(' --max-new-tokens 120\n"
+        "  gradwise generate runs/sft --chat 'What is a list?' --system 'Be brief.' --temperature 0.7 --top-p 0.9",
     )
     gen.add_argument("run_dir", type=Path)
-    gen.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    said = gen.add_mutually_exclusive_group()
+    said.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    said.add_argument("--chat", metavar="MESSAGE", default=None, help="a user message to reply to (chat runs)")
+    gen.add_argument("--system", default=None, help="a system message before the --chat message")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-k", type=int, default=50, help="0 = no top-k truncation")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this much probability mass")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", choices=["best", "last"], default="best")
 
@@ -518,27 +524,48 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from gradwise.compress.runs import load_run_model
+    from gradwise.compress.runs import load_run_model, read_data_info
     from gradwise.errors import ConfigError
-    from gradwise.generate import generate
+    from gradwise.generate import Sampling, generate, generate_chat, generate_hf
     from gradwise.store.records import TOKENIZER_DIR
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise ConfigError("generate: --max-new-tokens must be ≥ 1 and --temperature ≥ 0")
-    _, _, model, task, device = load_run_model(args.run_dir, args.checkpoint, with_data=False)
+    if args.top_k < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
+        raise ConfigError("generate: --top-k must be ≥ 0 (0: off) and --top-p in (0, 1]")
+    if args.system is not None and args.chat is None:
+        raise ConfigError("generate: --system goes with --chat MESSAGE")
+    cfg, _, model, task, device = load_run_model(args.run_dir, args.checkpoint, with_data=False)
     if task.kind != "language_modeling":
         raise ConfigError(f"generate: {args.run_dir} is a {task.kind} run, not a language model")
-    text = generate(
-        model,
-        args.run_dir / TOKENIZER_DIR,
-        args.prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        seed=args.seed,
-        device=device,
-    )
-    print(text)
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
+    tokenizer_dir = args.run_dir / TOKENIZER_DIR
+    if args.chat is not None:
+        info = read_data_info(args.run_dir)
+        template = None if info is None else info.chat_template
+        if template is None:
+            raise ConfigError(
+                f"generate --chat: {args.run_dir} was not trained on conversations (its data_info.json records "
+                "no chat template); use --prompt"
+            )
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        messages = [*system, {"role": "user", "content": args.chat}]
+        print(generate_chat(model, tokenizer_dir, messages, template, sampling, device))
+    elif cfg.model.name == "hf_causal_lm":
+        print(generate_hf(model, tokenizer_dir, args.prompt, sampling, device))
+    else:
+        text = generate(
+            model,
+            tokenizer_dir,
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            seed=args.seed,
+            device=device,
+            top_p=args.top_p,
+        )
+        print(text)
     return 0
 
 

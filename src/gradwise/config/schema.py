@@ -305,10 +305,17 @@ def monitor_mode(monitor: str, mode: Literal["auto", "min", "max"]) -> Literal["
 
 
 class EvalConfig(Section):
-    """How often the validation split is evaluated (None = at the end of every epoch)."""
+    """How often the validation split is evaluated (None = at the end of every epoch).
+
+    ``samples`` > 0 (chat and instruct data): at each evaluation the model also answers the first
+    that many validation prompts, greedily and up to ``sample_tokens`` new tokens, into
+    ``samples.jsonl`` beside the reference replies, so a run shows how its answers change.
+    """
 
     every_steps: PositiveInt | None = None
     batch_size: PositiveInt = 1024
+    samples: Annotated[int, Field(ge=0, le=64)] = 0
+    sample_tokens: PositiveInt = 48
 
 
 class CheckpointConfig(Section):
@@ -414,6 +421,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"finetune.lora supports model.name 'hf_encoder' and 'hf_causal_lm' only (got {self.model.name!r})"
             )
+        if self.eval.samples and (self.data.name not in ("chat", "instruct") or self.model.name != "hf_causal_lm"):
+            raise ValueError("eval.samples generates replies to chat prompts: it needs data.name chat or instruct "
+                             "and model.name hf_causal_lm")
+        if self.eval.samples and self.distributed.strategy == "fsdp":
+            raise ValueError("eval.samples cannot generate from an FSDP-sharded model; use ddp or leave it at 0")
         if self.task.kind == "preference" and self.model.init_from is not None:
             raise ValueError(
                 "task.kind preference scores against the model as loaded from model.path; instead of model.init_from, "

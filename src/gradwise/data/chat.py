@@ -151,6 +151,7 @@ def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: 
         else:
             splits.append(padded_split(chosen, pad, padding_free=cfg.packing == "padding_free"))
     train, val, test = splits
+    prompts = SamplePrompts.of([examples[i] for i in val_rows[:64]], tokenizer)
     info = DataInfo(
         kind="language_modeling",
         n_features=cfg.max_length,
@@ -167,7 +168,29 @@ def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: 
         chat_template=template,
         text_stats={**stats.as_dict(), "layout": layout, "packing": cfg.packing, **_layout_stats(train)},
     )
-    return Dataset(train=train, val=val, test=test, info=info)
+    return Dataset(train=train, val=val, test=test, info=info, extras={"sample_prompts": prompts})
+
+
+@dataclass(frozen=True)
+class SamplePrompts:
+    """Validation prompts (ids up to the first trained token) and their reference replies, for ``eval.samples``."""
+
+    prompts: list[list[int]]
+    references: list[str]
+    texts: list[str]
+    eos_token_id: int
+    decode: Any  # ids -> text (the tokenizer's decode)
+
+    @classmethod
+    def of(cls, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> SamplePrompts:
+        prompts, references, texts = [], [], []
+        for example in examples:
+            first = next(i for i, keep in enumerate(example.trained) if keep and i > 0)
+            end = next((i for i in range(first, len(example.ids)) if not example.trained[i]), len(example.ids))
+            prompts.append(example.ids[:first])
+            references.append(tokenizer.decode(example.ids[first:end], skip_special_tokens=True))
+            texts.append(tokenizer.decode(example.ids[:first]))
+        return cls(prompts, references, texts, int(tokenizer.eos_token_id), tokenizer.decode)
 
 
 def _tokenizer(cfg: ChatData, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:

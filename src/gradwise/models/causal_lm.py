@@ -113,6 +113,26 @@ class HFCausalLM(nn.Module):
             return torch.get_autocast_dtype(self.body.device.type)
         return dtype if dtype.is_floating_point else torch.float32
 
+    @torch.no_grad()
+    def complete(self, prompt: list[int], max_new_tokens: int, eos_token_id: int) -> list[int]:
+        """The greedy continuation of ``prompt`` (token ids) up to EOS or ``max_new_tokens``; touches no RNG."""
+        was_training = self.training
+        self.eval()
+        device = self.body.get_input_embeddings().weight.device
+        ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+        out = self.body.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id,
+            use_cache=True,
+        )
+        self.train(was_training)
+        reply = out[0, len(prompt) :].tolist()
+        return reply[: reply.index(eos_token_id)] if eos_token_id in reply else reply
+
     def embeddings(self) -> nn.Module:
         """The token embedding (NEFTune adds its noise to this module's output)."""
         return self.body.get_input_embeddings()

@@ -192,9 +192,13 @@ class MetricsLog:
     """
 
     def __init__(
-        self, run_dir: Path, resume_step: int | None = None, listeners: Sequence[Callable[[dict[str, Any]], None]] = ()
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        listeners: Sequence[Callable[[dict[str, Any]], None]] = (),
+        file: str = METRICS_FILE,
     ) -> None:
-        self.path = run_dir / METRICS_FILE
+        self.path = run_dir / file
         self.listeners = list(listeners)
         if resume_step is not None:
             self._truncate_after(resume_step)

@@ -64,6 +64,8 @@ from gradwise.train.setup import RunParts, build_run
 from gradwise.train.sharding import gradient_sync, is_fully_sharded, state_bytes, wrap_for_ranks
 from gradwise.train.strategies import active_strategies
 
+# Where eval.samples writes the model's replies to validation prompts.
+SAMPLES_FILE = "samples.jsonl"
 # Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
 STOP_CHECK_STEPS = 16
 
@@ -175,6 +177,11 @@ def _fit(
         if ctx.is_main or sharded
         else _Silent()
     )
+    samples = (
+        MetricsLog(run_dir, resume_step=counters.step if resume else None, file=SAMPLES_FILE)
+        if ctx.is_main and cfg.eval.samples
+        else None
+    )
     net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
     keeper.saved_step = counters.step if resume else -1
     name = cfg.name or run_dir.name
@@ -218,6 +225,8 @@ def _fit(
                 counters.elapsed_s = time.perf_counter() - started
                 if eval_due:
                     improved, metrics = _evaluate(parts, counters, log, reporter, ctx)
+                    if samples is not None:
+                        _write_samples(parts, counters.step, samples)
                     judged = hooks.after_eval(step, metrics) if hooks and hooks.after_eval else None
                     if judged:
                         parts.stopper.stop(judged)
@@ -277,6 +286,8 @@ def _fit(
             raise StorageError(f"{exc}; {kept}") from None
         finally:
             log.close()
+            if samples is not None:
+                samples.close()
         reporter.finish(counters.step)
 
     counters.elapsed_s = time.perf_counter() - started
@@ -419,6 +430,26 @@ def _evaluate(
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
     return improved, result.metrics
+
+
+def _write_samples(parts: RunParts, step: int, samples: MetricsLog) -> None:
+    """Greedy replies of the model to the first ``eval.samples`` validation prompts, one JSON line each."""
+    prompts = parts.data.extras.get("sample_prompts")
+    complete = getattr(parts.model, "complete", None)
+    if prompts is None or complete is None:
+        return
+    n = min(parts.cfg.eval.samples, len(prompts.prompts))
+    for i in range(n):
+        reply = complete(prompts.prompts[i], parts.cfg.eval.sample_tokens, prompts.eos_token_id)
+        samples.write(
+            {
+                "step": step,
+                "prompt": prompts.texts[i],
+                "reply": prompts.decode(reply, skip_special_tokens=True),
+                "reference": prompts.references[i],
+            }
+        )
+    samples.flush()
 
 
 def _evaluate_split(parts: RunParts, split: str, ctx: distributed.Distributed) -> Evaluation:
