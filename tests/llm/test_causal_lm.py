@@ -168,7 +168,7 @@ def test_packed_attention_never_crosses_an_example():
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_packed_loss_and_logits_equal_the_unpacked_ones(model_dirs, kind):
     cfg = validate(sft(model_dirs[kind], data={"limit": 40}))
-    data, model, task, _ = build_model_and_data(cfg)
+    _, model, task, _ = build_model_and_data(cfg)
     model.eval()
     tokenizer = load_tokenizer(model_dirs[kind], need_pad=False)
     from gradwise.data.chat import read_examples
@@ -195,16 +195,29 @@ def test_packed_loss_and_logits_equal_the_unpacked_ones(model_dirs, kind):
             if start >= length:
                 break
             ids = packed.x["input_ids"][row, start:end]
-            match = next(i for i in range(len(unpacked)) if torch.equal(unpacked.x[i, : len(ids)], ids)
-                         and int(unpacked.lengths[i]) == len(ids))
+            match = next(
+                i
+                for i in range(len(unpacked))
+                if torch.equal(unpacked.x[i, : len(ids)], ids) and int(unpacked.lengths[i]) == len(ids)
+            )
             assert torch.allclose(tight[row, start:end], loose[match, : len(ids)], atol=1e-4)
 
 
 def test_padding_free_batches_train_exactly_as_padded_ones(model_dirs, tmp_path):
     base = sft(model_dirs["llama"], precision="fp64", stop={"max_steps": 3}, eval={"every_steps": 3})
     padded = fit(validate(base), tmp_path / "padded")
-    flat = fit(validate(sft(model_dirs["llama"], precision="fp64", stop={"max_steps": 3}, eval={"every_steps": 3},
-                            data={"packing": "padding_free"})), tmp_path / "flat")
+    flat = fit(
+        validate(
+            sft(
+                model_dirs["llama"],
+                precision="fp64",
+                stop={"max_steps": 3},
+                eval={"every_steps": 3},
+                data={"packing": "padding_free"},
+            )
+        ),
+        tmp_path / "flat",
+    )
     assert abs(padded["final"]["test_loss"] - flat["final"]["test_loss"]) < 1e-9
 
 

@@ -121,19 +121,38 @@ def _resume_matches(cfg_raw: dict, tmp_path: Path) -> None:
 
 
 def test_packed_sft_resume_is_bit_exact(model_dirs, tmp_path):
-    raw = chat(model_dirs["llama"], data={"limit": 120}, stop={"max_steps": 9}, eval={"every_steps": 3},
-               schedule={"warmup_steps": 2}, batch={"size": 8, "accumulate": 2}, regularize={"clip_grad_norm": 1.0})
+    raw = chat(
+        model_dirs["llama"],
+        data={"limit": 120},
+        stop={"max_steps": 9},
+        eval={"every_steps": 3},
+        schedule={"warmup_steps": 2},
+        batch={"size": 8, "accumulate": 2},
+        regularize={"clip_grad_norm": 1.0},
+    )
     _resume_matches(raw, tmp_path)
 
 
 def test_dpo_resume_is_bit_exact(model_dirs, tmp_path):
-    raw = preference(model_dirs["qwen2"], data={"limit": 120}, stop={"max_steps": 9}, eval={"every_steps": 3},
-                     schedule={"warmup_steps": 2}, batch={"size": 8})
+    raw = preference(
+        model_dirs["qwen2"],
+        data={"limit": 120},
+        stop={"max_steps": 9},
+        eval={"every_steps": 3},
+        schedule={"warmup_steps": 2},
+        batch={"size": 8},
+    )
     _resume_matches(raw, tmp_path)
 
 
 def test_lora_sft_resume_is_bit_exact(model_dirs, tmp_path):
-    raw = chat(model_dirs["gpt2"], data={"limit": 120, "packing": "padding_free"}, stop={"max_steps": 9},
-               eval={"every_steps": 3}, schedule={"warmup_steps": 2}, batch={"size": 8},
-               finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.1}})
+    raw = chat(
+        model_dirs["gpt2"],
+        data={"limit": 120, "packing": "padding_free"},
+        stop={"max_steps": 9},
+        eval={"every_steps": 3},
+        schedule={"warmup_steps": 2},
+        batch={"size": 8},
+        finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+    )
     _resume_matches(raw, tmp_path)

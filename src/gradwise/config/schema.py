@@ -422,8 +422,10 @@ class RunConfig(Section):
                 f"finetune.lora supports model.name 'hf_encoder' and 'hf_causal_lm' only (got {self.model.name!r})"
             )
         if self.eval.samples and (self.data.name not in ("chat", "instruct") or self.model.name != "hf_causal_lm"):
-            raise ValueError("eval.samples generates replies to chat prompts: it needs data.name chat or instruct "
-                             "and model.name hf_causal_lm")
+            raise ValueError(
+                "eval.samples generates replies to chat prompts: it needs data.name chat or instruct "
+                "and model.name hf_causal_lm"
+            )
         if self.eval.samples and self.distributed.strategy == "fsdp":
             raise ValueError("eval.samples cannot generate from an FSDP-sharded model; use ddp or leave it at 0")
         if self.task.kind == "preference" and self.model.init_from is not None:
@@ -432,7 +434,9 @@ class RunConfig(Section):
                 "export that run (gradwise export RUN --format hf) and set model.path to the export"
             )
         if getattr(self.model, "load_in_4bit", False) and self.finetune.lora is None:
-            raise ValueError("model.load_in_4bit freezes the base in 4-bit (QLoRA): set finetune.lora to train adapters")
+            raise ValueError(
+                "model.load_in_4bit freezes the base in 4-bit (QLoRA): set finetune.lora to train adapters"
+            )
         if self.finetune != FinetuneConfig() and not self.model.body and self.model.init_from is None:
             bodies = ", ".join(c.name for c in MODELS if c.section.body)
             raise ValueError(

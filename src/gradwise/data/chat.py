@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import torch
 import yaml
 from pydantic import Field
 
 from gradwise.config.kinds import DataSection
 from gradwise.config.registry import Component
-from gradwise.data.packing import pack_split, padded_split
 from gradwise.data.files import available
+from gradwise.data.packing import pack_split, padded_split
 from gradwise.data.readers import Table, detect_format, read_table
 from gradwise.data.splits import split_indices
 from gradwise.data.text import corpus_dir, load_tokenizer
@@ -141,7 +140,9 @@ def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: 
     examples, stats = tokenize_examples(records, layout, tokenizer, template, cfg)
     if not examples:
         raise DataError(f"{source}: no example keeps a trained token within data.max_length {cfg.max_length}")
-    train_rows, val_rows, test_rows = split_indices(len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source)
+    train_rows, val_rows, test_rows = split_indices(
+        len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source
+    )
     pad = int(tokenizer.pad_token_id)
     splits = []
     for rows in (train_rows, val_rows, test_rows):
@@ -287,7 +288,8 @@ def parse_messages(value: Any, source: str, where: str) -> list[dict[str, str]]:
     for turn in value:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or turn.get("role") not in ROLES:
             raise DataError(
-                f"{source}: {where}: each message needs a role ({', '.join(ROLES)}) and a text content, got {turn!r:.80}"
+                f"{source}: {where}: each message needs a role ({', '.join(ROLES)}) and a text content, "
+                f"got {turn!r:.80}"
             )
         messages.append({"role": turn["role"], "content": turn["content"]})
     if not any(m["role"] == "assistant" for m in messages):
@@ -403,14 +405,19 @@ def render_conversation(
             continue
         try:
             before = apply(messages[:i], True) if i else ""
-        except Exception:  # noqa: BLE001 - a template may refuse an empty or user-less history; start at 0
+        except Exception:
             before = ""
         through = apply(messages[: i + 1], False)
-        start = len(os.path.commonprefix([full, before]))
-        end = len(os.path.commonprefix([full, through]))
+        start = common_prefix_length(full, before)
+        end = common_prefix_length(full, through)
         if end > start:
             spans.append((start, end))
     return full, spans
+
+
+def common_prefix_length(text: str, other: str) -> int:
+    """How many leading characters ``text`` and ``other`` share."""
+    return len(os.path.commonprefix([text, other]))  # noqa: RUF071 - characters are what is compared here
 
 
 def _layout_stats(split: Split) -> dict[str, float]:

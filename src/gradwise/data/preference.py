@@ -15,7 +15,6 @@ outside the completion.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -30,10 +29,11 @@ from gradwise.data.chat import (
     Example,
     _tokenizer,
     bundled_conversations,
+    common_prefix_length,
     parse_messages,
 )
-from gradwise.data.packing import IGNORE_INDEX, shifted
 from gradwise.data.files import available
+from gradwise.data.packing import IGNORE_INDEX, shifted
 from gradwise.data.readers import Table, detect_format, read_table
 from gradwise.data.splits import split_indices
 from gradwise.data.text import corpus_dir
@@ -98,8 +98,12 @@ def build_preference_dataset(cfg: PreferenceData, task_kind: str, seed: int, tok
         raise DataError(f"{source}: no pair keeps completion tokens within data.max_length {cfg.max_length}")
     pad = int(tokenizer.pad_token_id)
     index = np.arange(len(examples))
-    train_rows, val_rows, test_rows = split_indices(len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source)
-    train, val, test = (pair_split([examples[i] for i in rows], index[rows], pad) for rows in (train_rows, val_rows, test_rows))
+    train_rows, val_rows, test_rows = split_indices(
+        len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source
+    )
+    train, val, test = (
+        pair_split([examples[i] for i in rows], index[rows], pad) for rows in (train_rows, val_rows, test_rows)
+    )
     stats = {
         "examples": len(examples),
         "truncated": truncated,
@@ -151,9 +155,11 @@ def tokenize_completion(
     """
     if isinstance(prompt, list):
         reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        before = str(tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False, add_generation_prompt=True))
+        before = str(
+            tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False, add_generation_prompt=True)
+        )
         full = str(tokenizer.apply_chat_template(prompt + reply, chat_template=template, tokenize=False))
-        start = len(os.path.commonprefix([full, before]))
+        start = common_prefix_length(full, before)
     else:
         text = completion if isinstance(completion, str) else completion[-1]["content"]
         full, start = prompt + text + str(tokenizer.eos_token), len(prompt)
@@ -181,7 +187,9 @@ def read_pairs(cfg: PreferenceData, seed: int) -> tuple[list[tuple[Prompt, Promp
     n = len(columns[0]) if cfg.limit is None else min(cfg.limit, len(columns[0]))
     triples = []
     for i in range(n):
-        triples.append(tuple(_cell(columns[k][i], name, table, i) for k, name in enumerate(("prompt", "chosen", "rejected"))))
+        triples.append(
+            tuple(_cell(columns[k][i], name, table, i) for k, name in enumerate(("prompt", "chosen", "rejected")))
+        )
     return triples, table.source  # type: ignore[return-value]
 
 
@@ -212,7 +220,11 @@ def bundled_pairs(seed: int) -> list[tuple[Prompt, Prompt, Prompt]]:
 
 def _cell(value: Any, column: str, table: Table, i: int) -> Prompt:
     if isinstance(value, (list, np.ndarray)) or (isinstance(value, str) and value.lstrip().startswith("[{")):
-        return parse_messages(value, table.source, f"column {column!r} {table.locate(i)}") if column == "prompt" else _reply(value, column, table, i)
+        return (
+            parse_messages(value, table.source, f"column {column!r} {table.locate(i)}")
+            if column == "prompt"
+            else _reply(value, column, table, i)
+        )
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{table.source}: column {column!r} {table.locate(i)}: expected a text or a list of messages")
     return value
@@ -226,7 +238,9 @@ def _reply(value: Any, column: str, table: Table, i: int) -> str:
     turns = list(value)
     last = turns[-1] if turns else None
     if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
-        raise DataError(f"{table.source}: column {column!r} {table.locate(i)}: the last message must be the assistant's")
+        raise DataError(
+            f"{table.source}: column {column!r} {table.locate(i)}: the last message must be the assistant's"
+        )
     return last["content"]
 
 

@@ -30,7 +30,7 @@ from gradwise.models.hf_encoder import _enable_checkpointing, _layer_list, _quie
 
 
 class HFCausalLMConfig(ModelSection):
-    """``hf_causal_lm``: a pretrained Hugging Face causal LM from a local directory (its tokenizer and chat template too).
+    """``hf_causal_lm``: a pretrained Hugging Face causal LM from a local directory (tokenizer, chat template too).
 
     ``dtype`` is the dtype the weights load in (``bfloat16`` halves the memory of a frozen base;
     trainable LoRA adapters stay fp32); ``attention`` picks the implementation (``auto``: flash
@@ -254,9 +254,8 @@ def _four_bit(cfg: HFCausalLMConfig) -> dict[str, Any]:
             "finetune.lora instead"
         )
     try:
-        from transformers import BitsAndBytesConfig
-
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise ConfigError("model.load_in_4bit needs the bitsandbytes package (pip install bitsandbytes)") from None
     quantization = BitsAndBytesConfig(

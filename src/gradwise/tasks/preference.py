@@ -101,7 +101,9 @@ class PreferenceTask:
         model.train(was_training)
         self.prepared = True
 
-    def _reference_of(self, model: nn.Module, split: Split, device: torch.device, dtype: torch.dtype, autocast: object) -> None:
+    def _reference_of(
+        self, model: nn.Module, split: Split, device: torch.device, dtype: torch.dtype, autocast: object
+    ) -> None:
         from gradwise.data.batches import to_device
 
         for start in range(0, len(split), REFERENCE_BATCH):
