@@ -135,7 +135,7 @@ def load_text_dataset(
 
 
 def load_tokenizer(tokenizer_dir: Path, *, need_pad: bool = True) -> PreTrainedTokenizerBase:
-    """The Hugging Face tokenizer saved in ``tokenizer_dir`` (local files only; with ``need_pad``, one with a pad token).
+    """The Hugging Face tokenizer saved in ``tokenizer_dir`` (local files only; ``need_pad``: it must have a pad token).
 
     Raises:
         ConfigError: the directory holds no loadable tokenizer, or the tokenizer has no pad token.
