@@ -134,7 +134,7 @@ def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: 
     """
     if task_kind not in ("auto", "language_modeling"):
         raise ConfigError(f"data.name {cfg.name!r} trains a causal language model; task.kind must be language_modeling")
-    tokenizer = _tokenizer(cfg, tokenizer_dir)
+    tokenizer = chat_tokenizer(cfg, tokenizer_dir)
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     records, source, layout = read_examples(cfg)
     examples, stats = tokenize_examples(records, layout, tokenizer, template, cfg)
@@ -194,7 +194,7 @@ class SamplePrompts:
         return cls(prompts, references, texts, int(tokenizer.eos_token_id), tokenizer.decode)
 
 
-def _tokenizer(cfg: ChatData, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
+def chat_tokenizer(cfg: ChatData | DataSection, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
     if tokenizer_dir is None:
         raise ConfigError(
             f"data.name {cfg.name!r} is tokenized with the model's tokenizer; set model.name=hf_causal_lm and "

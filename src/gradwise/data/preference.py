@@ -27,8 +27,8 @@ from gradwise.config.registry import Component
 from gradwise.data.chat import (
     DEFAULT_CHAT_TEMPLATE,
     Example,
-    _tokenizer,
     bundled_conversations,
+    chat_tokenizer,
     common_prefix_length,
     parse_messages,
 )
@@ -77,7 +77,7 @@ def build_preference_dataset(cfg: PreferenceData, task_kind: str, seed: int, tok
     """
     if task_kind not in ("auto", "preference"):
         raise ConfigError("data.name 'preference' makes chosen/rejected pairs; task.kind must be preference")
-    tokenizer = _tokenizer(cfg, tokenizer_dir)  # type: ignore[arg-type]
+    tokenizer = chat_tokenizer(cfg, tokenizer_dir)  # type: ignore[arg-type]
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     pairs, source = read_pairs(cfg, seed)
     examples: list[tuple[Example, Example]] = []
