@@ -30,7 +30,10 @@ NOT_NUMERIC = {
     "sparse": "which optimizer takes sparse-gradient embeddings: tests/train/test_recsys_runs.py",
 }
 # Components whose building needs a pretrained directory (covered by their own tests).
-SKIPPED_MODELS = {"hf_encoder": "loads the bundled MiniLM: tests/models/test_hf_encoder.py"}
+SKIPPED_MODELS = {
+    "hf_encoder": "loads the bundled MiniLM: tests/models/test_hf_encoder.py",
+    "hf_causal_lm": "loads a model directory; dtype, attention and load_in_4bit: tests/llm/test_causal_lm.py",
+}
 
 
 def _info(takes: tuple[str, ...]) -> DataInfo:

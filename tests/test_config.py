@@ -83,7 +83,7 @@ def test_unknown_key_lists_the_section_keys_and_hints():
         ({"bogus": 1}, "bogus: unknown key; allowed keys: name, description, seed"),
         (
             {"data": {"name": "python_source"}, "model": {"name": "gpt"}, "finetune": {"lora": {}}},
-            "finetune.lora supports model.name 'hf_encoder' only",
+            "finetune.lora supports model.name 'hf_encoder' and 'hf_causal_lm' only",
         ),
         ({"model": {"name": "gpt"}}, "model.name 'gpt' does not fit data.name 'digits'"),
         ({"finetune": {"head_only": True}}, "finetune.* needs a transformer body"),

@@ -492,8 +492,8 @@ def _export(args: argparse.Namespace) -> int:
         print(written.out)
         if written.adapter_base is not None:
             print(
-                f"adapters only (LoRA, not merged): the base model is {written.adapter_base}; load with "
-                f"PeftModel.from_pretrained(AutoModel…from_pretrained(base), '{written.out}'), or export with --merge"
+                f"adapters only (LoRA, not merged) over the base model {written.adapter_base}: load that model, "
+                f"then peft.PeftModel.from_pretrained(model, '{written.out}'); --merge writes a full model instead"
             )
         return 0
     from gradwise.experiments.export import export_run

@@ -12,6 +12,7 @@ key/value cache (:func:`generate_chat` for a conversation rendered with the run'
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,9 +165,9 @@ def generate_chat(
         text = tokenizer.apply_chat_template(
             list(messages), chat_template=chat_template, tokenize=False, add_generation_prompt=True
         )
-    except Exception as exc:  # noqa: BLE001 - jinja raises its own errors (and raise_exception in templates)
+    except Exception as exc:  # jinja raises its own errors (and raise_exception in templates)
         raise ConfigError(f"the run's chat template cannot render this conversation ({first_line(exc)})") from None
-    ids = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(str(text), add_special_tokens=False, verbose=False)["input_ids"]
     new = _sample_cached(_library_model(model), ids, _end_ids(model, tokenizer), sampling, device)
     return tokenizer.decode(new, skip_special_tokens=True)
 
@@ -186,7 +187,7 @@ def generate_hf(
     """
     sampling.check()
     tokenizer = _load_hf_tokenizer(Path(tokenizer_dir))
-    ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt, verbose=False)["input_ids"]
     new = _sample_cached(_library_model(model), ids, _end_ids(model, tokenizer), sampling, device)
     return prompt + tokenizer.decode(new, skip_special_tokens=True)
 
@@ -205,6 +206,7 @@ def _sample_cached(
     generator = torch.Generator().manual_seed(sampling.seed)  # on the CPU: the same text on every device
     step = torch.tensor([ids], dtype=torch.long, device=device)
     cache: Any = None
+    keyword = _cache_keyword(body)
     new: list[int] = []
     was_training = body.training
     body.eval()
@@ -212,8 +214,8 @@ def _sample_cached(
         for _ in range(sampling.max_new_tokens):
             if limit is not None and len(ids) + len(new) >= limit:
                 break
-            output = body(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = body(input_ids=step, use_cache=True, **{keyword: cache})
+            cache = getattr(output, keyword)
             logits = output.logits[0, -1].float().cpu()
             token = _pick(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
             if token in end_ids:
@@ -223,6 +225,12 @@ def _sample_cached(
     finally:
         body.train(was_training)
     return new
+
+
+def _cache_keyword(body: nn.Module) -> str:
+    """The forward's key/value cache argument and output: ``cache`` in recent transformers, else ``past_key_values``."""
+    inner = body.get_base_model() if hasattr(body, "get_base_model") else body  # PEFT passes it through
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _library_model(model: nn.Module) -> nn.Module:

@@ -80,6 +80,21 @@ def test_four_bit_base_says_what_is_needed(model_dirs, tmp_path):
         build_model_and_data(cfg, training=True)
 
 
+def test_dtype_and_attention_settings(model_dirs):
+    """model.dtype loads the weights in bf16; eager attention computes what SDPA does, packed rows included."""
+    bf16 = validate(sft(model_dirs["llama"], model={"dtype": "bfloat16"}))
+    _, model, _, _ = build_model_and_data(bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    outputs = {}
+    for attention in ("sdpa", "eager"):
+        cfg = validate(sft(model_dirs["qwen2"], model={"attention": attention}, data={"packing": "packed"}))
+        data, model, _, _ = build_model_and_data(cfg)
+        assert model.body.config._attn_implementation == attention
+        with torch.no_grad():
+            outputs[attention] = model.eval()({k: v[:4] for k, v in data.train.x.items()})
+    assert torch.allclose(outputs["sdpa"], outputs["eager"], atol=1e-5)
+
+
 # --------------------------------------------------------------------------- assistant-only targets
 
 

@@ -156,3 +156,45 @@ def test_lora_sft_resume_is_bit_exact(model_dirs, tmp_path):
         finetune={"lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
     )
     _resume_matches(raw, tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_on_packed_sft(model_dirs, tmp_path):
+    """DDP on 2 CPU processes: each rank takes its stride of the packed rows; the weights follow one process."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = chat(
+        model_dirs["llama"],
+        data={"limit": 120},
+        stop={"max_steps": 4},
+        eval={"every_steps": 4},
+        batch={"size": 8},
+        schedule={"warmup_steps": 0},
+    )
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    fit(validate(raw), tmp_path / "runs" / "one")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradwise",
+            "train",
+            str(recipe),
+            "--nproc",
+            "2",
+            "name=two",
+            f"out_dir={tmp_path / 'runs'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_model_state(tmp_path / "runs" / "one" / "checkpoints" / "last")
+    b = load_model_state(tmp_path / "runs" / "two" / "checkpoints" / "last")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

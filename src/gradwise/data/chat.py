@@ -338,7 +338,8 @@ def tokenize_examples(
     """Token ids and trained-token masks of ``records``; too long ones truncated or dropped as ``cfg`` says."""
     texts, spans = render(records, layout, tokenizer, template)
     # The rendered text already holds the template's special tokens (BOS included where it adds one).
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: examples longer than the model's context are cut below, not warned about one by one.
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     examples: list[Example] = []
     truncated = too_long = no_target = 0
     for ids, offsets, trained_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans, strict=True):

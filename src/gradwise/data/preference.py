@@ -163,7 +163,7 @@ def tokenize_completion(
     else:
         text = completion if isinstance(completion, str) else completion[-1]["content"]
         full, start = prompt + text + str(tokenizer.eos_token), len(prompt)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     trained = [begin >= start for begin, _ in encoded["offset_mapping"]]
     return Example(list(encoded["input_ids"]), trained)
 

@@ -48,6 +48,7 @@ from gradwise.data.types import DataInfo
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.experiments.export import export_destination
 from gradwise.finetune.lora import is_lora, merge_lora
+from gradwise.models.hf_encoder import quiet_transformers
 from gradwise.store.files import fsync_dir, fsync_file
 from gradwise.store.records import TOKENIZER_DIR, read_compression
 from gradwise.store.rundir import CONFIG_FILE
@@ -104,11 +105,11 @@ def export_hf(run_dir: Path, out: Path | None = None, *, merge: bool = False, ch
     _refuse_foreign(out)
     cfg, _, model, _, _ = load_run_model(run_dir, checkpoint, with_data=False)
     info = read_data_info(run_dir)
-    with _quiet_transformers(), _staged(out) as staging:
+    with quiet_transformers(), _staged(out) as staging:
         base = writer(_Source(run_dir, cfg, info, model, merge), staging)
         record = {
             "format": "hf",
-            "source": str(run_dir),
+            "source": os.path.abspath(run_dir),
             "checkpoint": checkpoint,
             "model": name,
             "merged": merge,
@@ -240,7 +241,7 @@ def _gpt_tokenizer(run_dir: Path, n_positions: int) -> PreTrainedTokenizerBase:
     file = _tokenizer_dir(run_dir) / "tokenizer.json"
     try:
         bpe = Tokenizer.from_file(str(file))
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a missing or malformed file
+    except Exception as exc:  # tokenizers raises a bare Exception for a missing or malformed file
         raise CheckpointError(f"{file}: cannot load the tokenizer ({first_line(exc)})") from None
     if bpe.token_to_id(EOT) is None:
         raise CheckpointError(f"{file}: has no {EOT} token")
@@ -278,8 +279,9 @@ def _staged(out: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        for file in staging.iterdir():
-            fsync_file(file)
+        for file in staging.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                fsync_file(file)
         fsync_dir(staging)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -299,19 +301,3 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No per-file progress bars or info logs while saving (transformers 5 shows one per shard)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

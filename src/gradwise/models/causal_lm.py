@@ -26,7 +26,7 @@ from gradwise.config.registry import Component
 from gradwise.data.readers import first_line
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError
-from gradwise.models.hf_encoder import _enable_checkpointing, _layer_list, _quiet_transformers
+from gradwise.models.hf_encoder import enable_checkpointing, layer_list, quiet_transformers
 
 
 class HFCausalLMConfig(ModelSection):
@@ -139,7 +139,7 @@ class HFCausalLM(nn.Module):
 
     def blocks(self) -> list[nn.Module]:
         """The decoder layers, bottom first."""
-        return list(_layer_list(self.body))
+        return list(layer_list(self.body))
 
 
 def _drop_tied_copies(module: HFCausalLM, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -198,7 +198,7 @@ def build_hf_causal_lm(cfg: HFCausalLMConfig, info: DataInfo) -> HFCausalLM:
     if cfg.load_in_4bit:
         kwargs.update(_four_bit(cfg))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             body = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         raise ConfigError(f"model.path: cannot load a causal LM from {directory} ({first_line(exc)})") from None
@@ -220,7 +220,7 @@ def build_hf_causal_lm(cfg: HFCausalLMConfig, info: DataInfo) -> HFCausalLM:
 
         body = prepare_model_for_kbit_training(body, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
-        _enable_checkpointing(body, directory)
+        enable_checkpointing(body, directory)
     return HFCausalLM(body, attention).train()
 
 

@@ -145,7 +145,7 @@ class HFEncoderClassifier(nn.Module):
 
     def blocks(self) -> list[nn.Module]:
         """The encoder layers, bottom first (``body.encoder.layer`` for BERT-like models)."""
-        return list(_layer_list(self.body))
+        return list(layer_list(self.body))
 
 
 def build_hf_encoder(cfg: HFEncoderConfig, info: DataInfo) -> HFEncoderClassifier:
@@ -160,7 +160,7 @@ def build_hf_encoder(cfg: HFEncoderConfig, info: DataInfo) -> HFEncoderClassifie
     if info.pad_token_id is None:
         raise ConfigError(f"model.name 'hf_encoder' needs tokenized text data; data {info.name!r} has no pad token")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             body = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"model.path: cannot load a model from {directory} ({first_line(exc)})") from None
@@ -182,7 +182,7 @@ def build_hf_encoder(cfg: HFEncoderConfig, info: DataInfo) -> HFEncoderClassifie
             f"at most {positions}; set data.max_length to {positions} or less"
         )
     if cfg.gradient_checkpointing:
-        _enable_checkpointing(body, directory)
+        enable_checkpointing(body, directory)
     model = HFEncoderClassifier(body, info.n_outputs, info.pad_token_id, cfg.pooling, cfg.dropout)
     return model.train()  # from_pretrained leaves the body in eval mode; a new model starts in training mode
 
@@ -200,7 +200,7 @@ def keep_layers(body: nn.Module, keep: list[int], directory: Path) -> None:
     References:
         Sanh et al. 2019, "DistilBERT, a distilled version of BERT: smaller, faster, cheaper and lighter".
     """
-    layers = _layer_list(body)
+    layers = layer_list(body)
     out_of_range = [i for i in keep if not 0 <= i < len(layers)]
     if out_of_range:
         raise ConfigError(
@@ -226,7 +226,7 @@ def keep_layers(body: nn.Module, keep: list[int], directory: Path) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _enable_checkpointing(body: nn.Module, directory: Path) -> None:
+def enable_checkpointing(body: nn.Module, directory: Path) -> None:
     # Non-reentrant checkpointing, as torch recommends: gradients reach the layers even when the
     # embeddings are frozen (freezing, LoRA), without depending on a hook that marks inputs as requiring grad.
     if not getattr(body, "supports_gradient_checkpointing", False):
@@ -246,7 +246,7 @@ def _parent_of(root: nn.Module, child: nn.Module) -> nn.Module:
     raise ValueError("module is not inside the model")
 
 
-def _layer_list(body: nn.Module) -> nn.ModuleList:
+def layer_list(body: nn.Module) -> nn.ModuleList:
     """The longest ModuleList of same-typed modules: the stack of layers, whatever the architecture calls it."""
     best: nn.ModuleList | None = None
     for module in body.modules():
@@ -260,7 +260,7 @@ def _layer_list(body: nn.Module) -> nn.ModuleList:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' weight-loading progress bar and info logs while loading, then restore them."""
     from transformers.utils import logging as hf_logging
 

@@ -21,7 +21,7 @@ TOKENIZER_DIR = "tokenizer"
 DATA_INFO_FILE = "data_info.json"
 COMPRESSION_FILE = "compression.json"
 # Files of a tokenizer directory worth keeping (Hugging Face tokenizers and gradwise's own BPE).
-_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")
+_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")
 
 
 def write_data_record(run_dir: Path, record: dict[str, Any]) -> None:
