@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradwise.data.readers import first_line
 from gradwise.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -61,6 +63,10 @@ def _quiet_tools() -> Iterator[None]:
             logger.setLevel(level)
 
 
+# torch.onnx colours its messages for a terminal; a one-line error shows the text alone.
+ANSI_ESCAPE = r"\x1b\[[0-9;]*m"
+
+
 def _tmp_path(file: Path) -> Path:
     return file.with_name(f".{file.name}.tmp-{os.getpid()}")
 
@@ -97,6 +103,13 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, file: Path) -> Pa
                 verbose=False,
             )
             os.replace(tmp, file)
+        except Exception as exc:
+            if isinstance(exc, (KeyboardInterrupt, OSError)):
+                raise
+            raise ConfigError(
+                f"quantize: torch.onnx cannot export {type(model).__name__} ({type(exc).__name__}: "
+                f"{re.sub(ANSI_ESCAPE, '', first_line(exc))}); use quantize.backend=torchao for this model"
+            ) from None
         finally:
             model.train(was_training)
             tmp.unlink(missing_ok=True)
