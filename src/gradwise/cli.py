@@ -536,7 +536,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.system is not None and args.chat is None:
         raise ConfigError("generate: --system goes with --chat MESSAGE")
     cfg, _, model, task, device = load_run_model(args.run_dir, args.checkpoint, with_data=False)
-    if task.kind != "language_modeling":
+    # A preference-tuned causal LM is a language model too: it generates like the SFT model it started from.
+    if task.kind != "language_modeling" and not (task.kind == "preference" and cfg.model.name == "hf_causal_lm"):
         raise ConfigError(f"generate: {args.run_dir} is a {task.kind} run, not a language model")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k or None, args.top_p, args.seed)
     tokenizer_dir = args.run_dir / TOKENIZER_DIR

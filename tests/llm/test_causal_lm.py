@@ -105,8 +105,9 @@ def test_only_assistant_replies_and_their_end_of_turn_are_targets(model_dirs):
     (example,) = examples
     trained = [tok for tok, keep in zip(example.ids, example.trained, strict=True) if keep]
     assert tokenizer.decode(trained) == "Hi.<|endoftext|>A machine that computes.<|endoftext|>"
-    full, spans = render_conversation(tokenizer, DEFAULT_CHAT_TEMPLATE, CONVERSATION)
+    full, spans, missed = render_conversation(tokenizer, DEFAULT_CHAT_TEMPLATE, CONVERSATION)
     assert [full[a:b] for a, b in spans] == ["Hi.<|endoftext|>", "A machine that computes.<|endoftext|>"]
+    assert missed == 0
     assert stats.examples == 1 and stats.truncated == 0
     every = tokenize_examples([CONVERSATION], "messages", tokenizer, DEFAULT_CHAT_TEMPLATE, ChatData(loss_on="all"))[0]
     assert all(every[0].trained)
@@ -125,6 +126,66 @@ def test_prompt_completion_and_overflow_counts(model_dirs):
     drop = ChatData(layout="prompt_completion", max_length=40, overflow="drop")
     _, stats = tokenize_examples(records, "prompt_completion", tokenizer, DEFAULT_CHAT_TEMPLATE, drop)
     assert (stats.examples, stats.dropped_too_long) == (1, 1)
+
+
+# Renders the last reply with a thinking block, earlier ones without (as Qwen3's template does).
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "{{ '<|assistant|>\\n<think></think>' + m['content'] + eos_token }}"
+    "{% else %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_renders_the_last_reply_differently_still_trains_every_reply(model_dirs):
+    tokenizer = load_tokenizer(model_dirs["llama"], need_pad=False)
+    full, spans, missed = render_conversation(tokenizer, THINKING_TEMPLATE, CONVERSATION)
+    replies = [full[a:b] for a, b in spans]
+    assert missed == 0 and replies[0] == "Hi.<|endoftext|>"
+    assert replies[1].endswith("A machine that computes.<|endoftext|>")
+
+
+def test_a_template_that_refuses_a_conversation_is_one_line(model_dirs):
+    from gradwise.errors import DataError
+
+    tokenizer = load_tokenizer(model_dirs["llama"], need_pad=False)
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(
+        DataError, match=r"^conversation 3: the chat template refuses this conversation \(System role not supported\)"
+    ):
+        tokenize_examples([CONVERSATION], "messages", tokenizer, strict, ChatData(), lambda i: "conversation 3")
+
+
+def test_a_token_across_the_prompt_completion_boundary_is_trained(model_dirs):
+    tokenizer = load_tokenizer(model_dirs["llama"], need_pad=False)
+    records = [("what is a list? ", "a sequence")]
+    (example,), _ = tokenize_examples(records, "prompt_completion", tokenizer, DEFAULT_CHAT_TEMPLATE, ChatData())
+    trained = tokenizer.decode([t for t, k in zip(example.ids, example.trained, strict=True) if k])
+    assert trained.endswith("a sequence<|endoftext|>") and "list" not in trained
+
+
+def test_text_targets_are_not_cut_to_the_token_width():
+    """Only per-token targets follow dynamic padding: a text classifier's (distillation) targets keep every column."""
+    from gradwise.data.batches import take
+    from gradwise.data.types import Split
+
+    split = Split(x=torch.ones(4, 9, dtype=torch.int64), y=torch.randn(4, 13), lengths=torch.tensor([5, 7, 3, 2]))
+    inputs, targets = take(split, torch.tensor([0, 1]))
+    assert inputs.shape == (2, 7) and targets.shape == (2, 13)
+
+
+def test_an_empty_micro_batch_keeps_every_parameter_in_the_graph(model_dirs):
+    cfg = validate(sft(model_dirs["llama"]))
+    _, model, _, _ = build_model_and_data(cfg)
+    logits = model(torch.zeros((0, 1), dtype=torch.int64))
+    assert logits.shape[0] == 0
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    pairs = model(torch.zeros((0, 2, 5), dtype=torch.int64))
+    assert pairs.shape[:3] == (0, 2, 5)
 
 
 def test_gradients_from_non_assistant_tokens_are_exactly_zero(model_dirs):
@@ -188,7 +249,7 @@ def test_packed_loss_and_logits_equal_the_unpacked_ones(model_dirs, kind):
     tokenizer = load_tokenizer(model_dirs[kind], need_pad=False)
     from gradwise.data.chat import read_examples
 
-    records, _, layout = read_examples(ChatData(limit=12, max_length=64))
+    records, _, layout, _ = read_examples(ChatData(limit=12, max_length=64))
     examples, _ = tokenize_examples(records, layout, tokenizer, DEFAULT_CHAT_TEMPLATE, ChatData(max_length=64))
     pad = int(tokenizer.pad_token_id or tokenizer.eos_token_id)
     unpacked = padded_split(examples, pad)

@@ -87,6 +87,27 @@ def test_bundled_pairs_reject_another_conversations_reply():
     assert bundled_pairs(0) == pairs and bundled_pairs(1) != pairs
 
 
+def test_preference_file_with_a_conversational_prompt(model_dirs, tmp_path):
+    import json
+
+    file = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Say {w}"}], "chosen": w, "rejected": "no"}
+        for w in ("yes", "maybe", "sure", "fine", "ok", "right", "good", "great", "nice", "true")
+    ]
+    rows.append({"prompt": "Answer: ", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": "no"})
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = validate(preference(model_dirs["llama"], data={"path": str(file), "val_fraction": 0.2, "test_fraction": 0.0}))
+    data, _, _, _ = build_model_and_data(cfg)
+    assert data.info.text_stats["examples"] == 11 and data.info.text_stats["dropped_no_target"] == 0
+    bad = tmp_path / "bad.csv"
+    bad.write_text('prompt,chosen,rejected\nhi,"[{""role"": ""assistant"", ""content"": ""x""",no\n')
+    from gradwise.errors import DataError
+
+    with pytest.raises(DataError, match=r"bad.csv: column 'chosen' row 1 .*not a JSON list of messages"):
+        build_model_and_data(validate(preference(model_dirs["llama"], data={"path": str(bad)})))
+
+
 def test_ipo_is_the_squared_distance_of_the_margin_to_half_over_beta(model_dirs):
     cfg = validate(preference(model_dirs["llama"], data={"limit": 40}, task={"loss": "ipo", "beta": 0.5}))
     data, model, task, _ = build_model_and_data(cfg)

@@ -24,7 +24,8 @@ Batch = Union[torch.Tensor, Mapping[str, "Batch"]]  # noqa: UP007 - a recursive 
 def take(split: Split, rows: torch.Tensor, epoch: int = 0) -> tuple[Batch, torch.Tensor]:
     """The inputs and targets of ``rows`` of ``split``.
 
-    Padded token rows are cut to the batch's longest sequence (dynamic padding); a split with a
+    Padded token rows are cut to the batch's longest sequence (dynamic padding; a split whose
+    targets are per token cuts them alike in its ``collate``); a split with a
     ``draw`` (BPR's negatives) adds what it draws for these rows in ``epoch``, a pure function of
     the two, so a resumed run or another process count draws the same.
     """
@@ -35,8 +36,6 @@ def take(split: Split, rows: torch.Tensor, epoch: int = 0) -> tuple[Batch, torch
         inputs = rows_of(split.x, rows)
         if split.lengths is not None:  # packed token rows: every tensor of the mapping is cut alike
             inputs = _trimmed(inputs, _longest(split.lengths, rows))
-    if split.lengths is not None and targets.dim() == 2:  # per-token targets follow their inputs' width
-        targets = targets[:, : _longest(split.lengths, rows)]
     if split.draw is not None:
         assert isinstance(inputs, Mapping), "a split that draws per batch holds a mapping of inputs"
         inputs = {**inputs, **split.draw(inputs, rows, epoch)}
@@ -52,8 +51,8 @@ def gather(x: torch.Tensor, lengths: torch.Tensor | None, indices: torch.Tensor)
     if lengths is None:
         return rows
     if len(indices) == 0:  # a rank's empty share of a short batch: no rows, one column
-        return rows[:, :1]
-    return rows[:, : int(lengths[indices].max())]
+        return rows[..., :1]
+    return rows[..., : int(lengths[indices].max())]  # the last axis is the tokens (pairs are (N, 2, L))
 
 
 def _longest(lengths: torch.Tensor, rows: torch.Tensor) -> int:

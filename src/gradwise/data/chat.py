@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
@@ -39,11 +40,11 @@ from gradwise.config.kinds import DataSection
 from gradwise.config.registry import Component
 from gradwise.data.files import available
 from gradwise.data.packing import pack_split, padded_split
-from gradwise.data.readers import Table, detect_format, read_table
+from gradwise.data.readers import Table, detect_format, first_line, read_table
 from gradwise.data.splits import split_indices
 from gradwise.data.text import corpus_dir, load_tokenizer
 from gradwise.data.types import DataInfo, Dataset, Split
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError, DataError, GradwiseWarning
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -120,9 +121,13 @@ class TokenStats:
     truncated: int
     dropped_too_long: int
     dropped_no_target: int
+    untrained_replies: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+    def __add__(self, other: TokenStats) -> TokenStats:
+        return TokenStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)))
 
 
 def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: Path | None) -> Dataset:
@@ -136,23 +141,34 @@ def build_chat_dataset(cfg: ChatData, task_kind: str, seed: int, tokenizer_dir: 
         raise ConfigError(f"data.name {cfg.name!r} trains a causal language model; task.kind must be language_modeling")
     tokenizer = chat_tokenizer(cfg, tokenizer_dir)
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    records, source, layout = read_examples(cfg)
-    examples, stats = tokenize_examples(records, layout, tokenizer, template, cfg)
-    if not examples:
-        raise DataError(f"{source}: no example keeps a trained token within data.max_length {cfg.max_length}")
-    train_rows, val_rows, test_rows = split_indices(
-        len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source
-    )
+    records, source, layout, locate = read_examples(cfg)
+    # Split the records before tokenizing, so max_length and overflow never change which examples
+    # validate and test (only whether they are kept).
+    rows = split_indices(len(records), None, cfg.val_fraction, cfg.test_fraction, seed, source)
     pad = int(tokenizer.pad_token_id)
-    splits = []
-    for rows in (train_rows, val_rows, test_rows):
-        chosen = [examples[i] for i in rows]
+    splits, kept, stats = [], [], TokenStats(0, 0, 0, 0, 0)
+    for i, chosen in enumerate(rows):
+        examples, counted = tokenize_examples(
+            [records[r] for r in chosen], layout, tokenizer, template, cfg, lambda k, c=chosen: locate(int(c[k]))
+        )
+        stats = stats + counted
+        kept.append(examples)
         if cfg.packing == "packed":
-            splits.append(pack_split(chosen, cfg.max_length, pad))
+            splits.append(pack_split(examples, cfg.max_length, pad))
         else:
-            splits.append(padded_split(chosen, pad, padding_free=cfg.packing == "padding_free"))
+            # Padding-free batches only where they pay: training. Evaluation is the same on padded rows.
+            splits.append(padded_split(examples, pad, padding_free=cfg.packing == "padding_free" and i == 0))
+    if not kept[0]:
+        raise DataError(f"{source}: no training example keeps a trained token within data.max_length {cfg.max_length}")
+    if stats.untrained_replies:
+        warnings.warn(
+            f"{source}: {stats.untrained_replies} assistant replies could not be found in the chat template's "
+            "rendering and are not trained on (the template renders them differently from the conversation)",
+            GradwiseWarning,
+            stacklevel=2,
+        )
     train, val, test = splits
-    prompts = SamplePrompts.of([examples[i] for i in val_rows[:64]], tokenizer)
+    prompts = SamplePrompts.of(kept[1][:64], tokenizer, template)
     info = DataInfo(
         kind="language_modeling",
         n_features=cfg.max_length,
@@ -179,11 +195,11 @@ class SamplePrompts:
     prompts: list[list[int]]
     references: list[str]
     texts: list[str]
-    eos_token_id: int
+    stop_ids: list[int]  # EOS and the template's own end-of-turn tokens
     decode: Any  # ids -> text (the tokenizer's decode)
 
     @classmethod
-    def of(cls, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> SamplePrompts:
+    def of(cls, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, template: str) -> SamplePrompts:
         prompts, references, texts = [], [], []
         for example in examples:
             first = next(i for i, keep in enumerate(example.trained) if keep and i > 0)
@@ -191,7 +207,17 @@ class SamplePrompts:
             prompts.append(example.ids[:first])
             references.append(tokenizer.decode(example.ids[first:end], skip_special_tokens=True))
             texts.append(tokenizer.decode(example.ids[:first]))
-        return cls(prompts, references, texts, int(tokenizer.eos_token_id), tokenizer.decode)
+        return cls(prompts, references, texts, stop_token_ids(tokenizer, template), tokenizer.decode)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    """EOS and every special token the chat template writes (``<|im_end|>``, ``<|eot_id|>``…): a reply ends there."""
+    ids = [int(tokenizer.eos_token_id)]
+    for token in getattr(tokenizer, "all_special_tokens", []):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in template and isinstance(token_id, int) and token_id not in ids and token != tokenizer.bos_token:
+            ids.append(token_id)
+    return ids
 
 
 def chat_tokenizer(cfg: ChatData | DataSection, tokenizer_dir: Path | None) -> PreTrainedTokenizerBase:
@@ -216,8 +242,9 @@ def chat_tokenizer(cfg: ChatData | DataSection, tokenizer_dir: Path | None) -> P
 # --------------------------------------------------------------------------- reading
 
 
-def read_examples(cfg: ChatData) -> tuple[list[Any], str, str]:
-    """The examples of ``cfg`` as read (conversations, prompt/completion pairs or texts), their source and layout."""
+def read_examples(cfg: ChatData) -> tuple[list[Any], str, str, Callable[[int], str]]:
+    """The examples of ``cfg`` as read (conversations, prompt/completion pairs or texts), their source, layout
+    and where a user finds example ``i``."""
     if cfg.path is None:
         conversations = bundled_conversations()
         layout = "messages" if cfg.layout == "auto" else cfg.layout
@@ -225,10 +252,11 @@ def read_examples(cfg: ChatData) -> tuple[list[Any], str, str]:
         if layout == "messages":
             records: list[Any] = conversations
         elif layout == "prompt_completion":
-            records = [(c[0]["content"], c[1]["content"]) for c in conversations]
+            # A line break between the two, so the prompt's last word never merges with the reply's first.
+            records = [(c[0]["content"] + "\n", c[1]["content"]) for c in conversations]
         else:
             records = ["\n".join(turn["content"] for turn in c) for c in conversations]
-        return _limited(records, cfg), source, layout
+        return _limited(records, cfg), source, layout, lambda i: f"conversation {i + 1}"
     fmt = detect_format(cfg.path, cfg.format)
     if fmt == "npz":
         raise DataError(f"{cfg.path}: chat data must be JSONL, Parquet or CSV, not NPZ")
@@ -249,7 +277,7 @@ def read_examples(cfg: ChatData) -> tuple[list[Any], str, str]:
     else:
         texts = _column(table, cfg.text_field, "data.text_field")
         records = [_text(texts[i], cfg.text_field, table, i) for i in range(keep)]
-    return records, table.source, layout
+    return records, table.source, layout, table.locate
 
 
 def bundled_conversations() -> list[list[dict[str, str]]]:
@@ -267,8 +295,9 @@ def bundled_conversations() -> list[list[dict[str, str]]]:
     return conversations
 
 
-def parse_messages(value: Any, source: str, where: str) -> list[dict[str, str]]:
-    """A ``messages`` cell as a list of ``{"role", "content"}`` with known roles and an assistant turn.
+def parse_messages(value: Any, source: str, where: str, *, require_assistant: bool = True) -> list[dict[str, str]]:
+    """A ``messages`` cell as a list of ``{"role", "content"}`` with known roles (and an assistant turn, unless
+    ``require_assistant`` is off: a preference prompt ends before the reply).
 
     Raises:
         DataError: the cell is not such a list (named by ``where``).
@@ -292,7 +321,7 @@ def parse_messages(value: Any, source: str, where: str) -> list[dict[str, str]]:
                 f"got {turn!r:.80}"
             )
         messages.append({"role": turn["role"], "content": turn["content"]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{source}: {where}: the conversation has no assistant message to train on")
     return messages
 
@@ -333,20 +362,30 @@ def _limited(records: list[Any], cfg: ChatData) -> list[Any]:
 
 
 def tokenize_examples(
-    records: Sequence[Any], layout: str, tokenizer: PreTrainedTokenizerBase, template: str, cfg: ChatData
+    records: Sequence[Any],
+    layout: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    cfg: ChatData,
+    locate: Callable[[int], str] = lambda i: f"example {i + 1}",
 ) -> tuple[list[Example], TokenStats]:
-    """Token ids and trained-token masks of ``records``; too long ones truncated or dropped as ``cfg`` says."""
-    texts, spans = render(records, layout, tokenizer, template)
-    # The rendered text already holds the template's special tokens (BOS included where it adds one).
+    """Token ids and trained-token masks of ``records``; too long ones truncated or dropped as ``cfg`` says.
+
+    A token is trained when its characters overlap a trained span, so a token that straddles the
+    prompt's end and the completion's start (a space folded into the first word) is trained.
+    """
+    texts, spans, missed = render(records, layout, tokenizer, template, locate)
+    # A rendered chat holds its template's special tokens (BOS included where the template writes one);
+    # plain prompt/completion and text get the tokenizer's own (BOS for Llama-like tokenizers).
     # verbose=False: examples longer than the model's context are cut below, not warned about one by one.
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    encoded = tokenizer(texts, add_special_tokens=layout != "messages", return_offsets_mapping=True, verbose=False)
     examples: list[Example] = []
     truncated = too_long = no_target = 0
     for ids, offsets, trained_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans, strict=True):
         if cfg.loss_on == "all" or trained_spans is None:
             trained = [True] * len(ids)
         else:
-            trained = [any(lo <= start < hi for lo, hi in trained_spans) for start, _ in offsets]
+            trained = [any(start < hi and end > lo for lo, hi in trained_spans) for start, end in offsets]
         if len(ids) > cfg.max_length:
             if cfg.overflow == "drop":
                 too_long += 1
@@ -357,19 +396,26 @@ def tokenize_examples(
             no_target += 1
             continue
         examples.append(Example(list(ids), trained))
-    return examples, TokenStats(len(examples), truncated, too_long, no_target)
+    return examples, TokenStats(len(examples), truncated, too_long, no_target, missed)
 
 
 def render(
-    records: Sequence[Any], layout: str, tokenizer: PreTrainedTokenizerBase, template: str
-) -> tuple[list[str], list[list[tuple[int, int]] | None]]:
-    """Each record as one text and the character spans of its trained part (None: all of it)."""
+    records: Sequence[Any],
+    layout: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    locate: Callable[[int], str] = lambda i: f"example {i + 1}",
+) -> tuple[list[str], list[list[tuple[int, int]] | None], int]:
+    """Each record as one text, the character spans of its trained part (None: all of it), and how many
+    assistant replies no span could be found for."""
     eos = str(tokenizer.eos_token)
     texts: list[str] = []
     spans: list[list[tuple[int, int]] | None] = []
-    for record in records:
+    missed = 0
+    for i, record in enumerate(records):
         if layout == "messages":
-            text, trained = render_conversation(tokenizer, template, record)
+            text, trained, lost = render_conversation(tokenizer, template, record, locate(i))
+            missed += lost
         elif layout == "prompt_completion":
             prompt, completion = record
             text, trained = prompt + completion + eos, [(len(prompt), len(prompt) + len(completion) + len(eos))]
@@ -377,43 +423,60 @@ def render(
             text, trained = record + eos, None
         texts.append(text)
         spans.append(trained)
-    return texts, spans
+    return texts, spans, missed
 
 
 def render_conversation(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, str]]
-) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered with ``template`` and the character span of every assistant reply.
+    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, str]], where: str = "a conversation"
+) -> tuple[str, list[tuple[int, int]], int]:
+    """The conversation rendered with ``template``, the character span of every assistant reply, and the
+    number of replies whose span could not be found.
 
     A reply's span runs from the end of the conversation rendered up to it with the generation
     prompt (the template's header for an assistant turn) to the end of the conversation rendered
     through it (the reply and the template's end-of-turn markup, so the model learns to stop).
-    Common prefixes with the full text bound both ends, so a template that renders earlier turns
-    a little differently than the last one still gives the right spans.
+    Common prefixes with the full text bound both ends. A template that renders an earlier reply
+    differently once later turns follow (Qwen3's thinking blocks) breaks that: then the reply's
+    own text is looked up in the full rendering after the previous span, with the end-of-turn
+    token that follows it.
+
+    Raises:
+        DataError: the template refuses the conversation (a role it does not support, turns that
+            do not alternate), naming ``where``.
     """
 
     def apply(turns: list[dict[str, str]], generation_prompt: bool) -> str:
-        return str(
-            tokenizer.apply_chat_template(
-                turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        try:
+            return str(
+                tokenizer.apply_chat_template(
+                    turns, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+                )
             )
-        )
+        except Exception as exc:
+            raise DataError(f"{where}: the chat template refuses this conversation ({first_line(exc)})") from None
 
     full = apply(messages, False)
-    spans = []
+    eos = str(tokenizer.eos_token)
+    spans: list[tuple[int, int]] = []
+    missed = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        try:
-            before = apply(messages[:i], True) if i else ""
-        except Exception:
-            before = ""
+        # A conversation that opens with the assistant has no history to render: its reply starts at 0.
+        before = apply(messages[:i], True) if i else ""
         through = apply(messages[: i + 1], False)
         start = common_prefix_length(full, before)
         end = common_prefix_length(full, through)
-        if end > start:
-            spans.append((start, end))
-    return full, spans
+        if end <= start or not full[start:end].strip():
+            found = full.find(message["content"], spans[-1][1] if spans else 0)
+            if found < 0 or not message["content"]:
+                missed += 1
+                continue
+            start, end = found, found + len(message["content"])
+            if full.startswith(eos, end):
+                end += len(eos)
+        spans.append((start, end))
+    return full, spans, missed
 
 
 def common_prefix_length(text: str, other: str) -> int:

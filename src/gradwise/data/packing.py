@@ -53,7 +53,7 @@ def padded_split(examples: Sequence[Tokenized], pad: int, *, padding_free: bool 
     width = int(lengths.max()) if len(pairs) else 1
     x = _as_long([inputs for inputs, _ in pairs], width, pad)
     y = _as_long([targets for _, targets in pairs], width, IGNORE_INDEX)
-    return Split(x=x, y=y, lengths=lengths, collate=flatten_batch if padding_free else None)
+    return Split(x=x, y=y, lengths=lengths, collate=flatten_batch if padding_free else trim_targets)
 
 
 def pack_split(examples: Sequence[Tokenized], max_length: int, pad: int) -> Split:
@@ -70,7 +70,7 @@ def pack_split(examples: Sequence[Tokenized], max_length: int, pad: int) -> Spli
     # Padding after the last example: position 0 each, so every pad is an example of its own that
     # only sees itself (no row of the attention mask is empty) and is never a target.
     x = {"input_ids": _as_long(ids, width, pad), "position_ids": _as_long(positions, width, 0)}
-    return Split(x=x, y=_as_long(targets, width, IGNORE_INDEX), lengths=lengths)
+    return Split(x=x, y=_as_long(targets, width, IGNORE_INDEX), lengths=lengths, collate=trim_targets)
 
 
 def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
@@ -93,9 +93,16 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def trim_targets(inputs: Any, targets: torch.Tensor, lengths: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Per-token targets cut to the width their inputs were trimmed to (dynamic padding)."""
+    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs
+    return inputs, targets[..., : ids.shape[-1]]
+
+
 def flatten_batch(inputs: Any, targets: torch.Tensor, lengths: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
     """A batch of padded rows as one row: the real tokens of every row, back to back, with restarting positions."""
     assert isinstance(inputs, torch.Tensor), "padding-free batches are made from padded token rows"
+    targets = targets[:, : inputs.shape[1]]
     if len(lengths) == 0:
         empty = inputs.new_zeros((0, 1))
         return {"input_ids": empty, "position_ids": empty.clone()}, targets[:, :1]

@@ -34,7 +34,7 @@ from gradwise.data.chat import (
 )
 from gradwise.data.files import available
 from gradwise.data.packing import IGNORE_INDEX, shifted
-from gradwise.data.readers import Table, detect_format, read_table
+from gradwise.data.readers import Table, detect_format, first_line, read_table
 from gradwise.data.splits import split_indices
 from gradwise.data.text import corpus_dir
 from gradwise.data.types import DataInfo, Dataset, Split
@@ -48,7 +48,8 @@ class PreferenceData(DataSection):
     """``preference``: prompt / chosen / rejected pairs (unset ``path``: pairs made from chatterbot-corpus).
 
     Pairs whose longer side exceeds ``max_length`` tokens are cut at the end (``overflow:
-    truncate``, the prompt kept whole) or left out (``drop``).
+    truncate``: the completion loses its tail; a pair whose prompt alone fills ``max_length`` is left
+    out) or left out (``drop``).
     """
 
     name: Literal["preference"] = "preference"
@@ -80,37 +81,34 @@ def build_preference_dataset(cfg: PreferenceData, task_kind: str, seed: int, tok
     tokenizer = chat_tokenizer(cfg, tokenizer_dir)  # type: ignore[arg-type]
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
     pairs, source = read_pairs(cfg, seed)
-    examples: list[tuple[Example, Example]] = []
-    truncated = too_long = no_target = 0
-    for prompt, chosen, rejected in pairs:
-        sides = [tokenize_completion(tokenizer, template, prompt, c) for c in (chosen, rejected)]
-        if max(len(s.ids) for s in sides) > cfg.max_length:
-            if cfg.overflow == "drop":
-                too_long += 1
-                continue
-            truncated += 1
-            sides = [Example(s.ids[: cfg.max_length], s.trained[: cfg.max_length]) for s in sides]
-        if not all(any(s.trained[1:]) for s in sides):
-            no_target += 1
-            continue
-        examples.append((sides[0], sides[1]))
-    if not examples:
-        raise DataError(f"{source}: no pair keeps completion tokens within data.max_length {cfg.max_length}")
+    # Split the pairs first, so max_length and overflow never change which pairs validate and test.
+    rows = split_indices(len(pairs), None, cfg.val_fraction, cfg.test_fraction, seed, source)
     pad = int(tokenizer.pad_token_id)
-    index = np.arange(len(examples))
-    train_rows, val_rows, test_rows = split_indices(
-        len(examples), None, cfg.val_fraction, cfg.test_fraction, seed, source
-    )
-    train, val, test = (
-        pair_split([examples[i] for i in rows], index[rows], pad) for rows in (train_rows, val_rows, test_rows)
-    )
-    stats = {
-        "examples": len(examples),
-        "truncated": truncated,
-        "dropped_too_long": too_long,
-        "dropped_no_target": no_target,
-        "layout": "pairs",
-    }
+    counts = {"examples": 0, "truncated": 0, "dropped_too_long": 0, "dropped_no_target": 0}
+    splits = []
+    for chosen_rows in rows:
+        kept, index = [], []
+        for r in chosen_rows:
+            prompt, chosen, rejected = pairs[r]
+            where = f"pair {int(r) + 1}"
+            sides = [tokenize_completion(tokenizer, template, prompt, c, where) for c in (chosen, rejected)]
+            if max(len(side.ids) for side in sides) > cfg.max_length:
+                if cfg.overflow == "drop":
+                    counts["dropped_too_long"] += 1
+                    continue
+                counts["truncated"] += 1
+                sides = [Example(side.ids[: cfg.max_length], side.trained[: cfg.max_length]) for side in sides]
+            if not all(any(side.trained[1:]) for side in sides):
+                counts["dropped_no_target"] += 1
+                continue
+            kept.append((sides[0], sides[1]))
+            index.append(int(r))  # the pair's place in the whole data: the reference table's row
+        counts["examples"] += len(kept)
+        splits.append(pair_split(kept, np.asarray(index, dtype=np.int64), pad))
+    if len(splits[0]) == 0:
+        raise DataError(f"{source}: no training pair keeps completion tokens within data.max_length {cfg.max_length}")
+    train, val, test = splits
+    stats = {**counts, "pairs_read": len(pairs), "layout": "pairs"}
     info = DataInfo(
         kind="preference",
         n_features=cfg.max_length,
@@ -141,11 +139,17 @@ def pair_split(pairs: list[tuple[Example, Example]], index: np.ndarray, pad: int
             x[i, j, : len(inputs)] = torch.as_tensor(inputs, dtype=torch.int64)
             y[i, j, 1 : 1 + len(targets)] = torch.as_tensor(targets, dtype=torch.int64)
         y[i, :, 0] = int(index[i])
-    return Split(x=x, y=y)
+    lengths = torch.tensor([max(len(side[0]) for side in pair) for pair in shifted_pairs], dtype=torch.int64)
+    return Split(x=x, y=y, lengths=lengths if len(pairs) else None, collate=trim_pair_targets if len(pairs) else None)
+
+
+def trim_pair_targets(inputs: Any, targets: torch.Tensor, lengths: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Pair targets cut to their inputs' (dynamically padded) width, the index column kept."""
+    return inputs, targets[..., : 1 + inputs.shape[-1]]
 
 
 def tokenize_completion(
-    tokenizer: PreTrainedTokenizerBase, template: str, prompt: Prompt, completion: Prompt
+    tokenizer: PreTrainedTokenizerBase, template: str, prompt: Prompt, completion: Prompt, where: str = "a pair"
 ) -> Example:
     """Ids of prompt + completion and the mask of the completion's tokens.
 
@@ -155,16 +159,25 @@ def tokenize_completion(
     """
     if isinstance(prompt, list):
         reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        before = str(
-            tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False, add_generation_prompt=True)
-        )
-        full = str(tokenizer.apply_chat_template(prompt + reply, chat_template=template, tokenize=False))
+        try:
+            before = str(
+                tokenizer.apply_chat_template(
+                    prompt, chat_template=template, tokenize=False, add_generation_prompt=True
+                )
+            )
+            full = str(tokenizer.apply_chat_template(prompt + reply, chat_template=template, tokenize=False))
+        except Exception as exc:
+            raise DataError(f"{where}: the chat template refuses this conversation ({first_line(exc)})") from None
         start = common_prefix_length(full, before)
     else:
         text = completion if isinstance(completion, str) else completion[-1]["content"]
         full, start = prompt + text + str(tokenizer.eos_token), len(prompt)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    trained = [begin >= start for begin, _ in encoded["offset_mapping"]]
+    # A rendered chat holds its template's special tokens; a plain prompt gets the tokenizer's own (BOS).
+    encoded = tokenizer(
+        full, add_special_tokens=not isinstance(prompt, list), return_offsets_mapping=True, verbose=False
+    )
+    # A token straddling the prompt's end and the completion's start (a folded space) belongs to the completion.
+    trained = [end > start and end > 0 for _, end in encoded["offset_mapping"]]
     return Example(list(encoded["input_ids"]), trained)
 
 
@@ -220,11 +233,10 @@ def bundled_pairs(seed: int) -> list[tuple[Prompt, Prompt, Prompt]]:
 
 def _cell(value: Any, column: str, table: Table, i: int) -> Prompt:
     if isinstance(value, (list, np.ndarray)) or (isinstance(value, str) and value.lstrip().startswith("[{")):
-        return (
-            parse_messages(value, table.source, f"column {column!r} {table.locate(i)}")
-            if column == "prompt"
-            else _reply(value, column, table, i)
-        )
+        where = f"column {column!r} {table.locate(i)}"
+        if column == "prompt":
+            return parse_messages(value, table.source, where, require_assistant=False)
+        return _reply(value, column, table, i)
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{table.source}: column {column!r} {table.locate(i)}: expected a text or a list of messages")
     return value
@@ -234,8 +246,13 @@ def _reply(value: Any, column: str, table: Table, i: int) -> str:
     if isinstance(value, str):
         import json
 
-        value = json.loads(value)
-    turns = list(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{table.source}: column {column!r} {table.locate(i)}: not a JSON list of messages ({exc.msg})"
+            ) from None
+    turns = list(value) if isinstance(value, (list, np.ndarray)) else []
     last = turns[-1] if turns else None
     if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
         raise DataError(

@@ -87,10 +87,18 @@ def export_hf(run_dir: Path, out: Path | None = None, *, merge: bool = False, ch
             link stands where the export would be written.
     """
     out = export_destination(run_dir, out, merge=merge, default=DEFAULT_DIR)
+    out = Path(os.path.abspath(out))  # `-o .` has no name to stage a sibling under
     config_file = run_dir / CONFIG_FILE
     if not config_file.exists():
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
-    name = validate(read_saved_config(config_file), source=str(config_file)).model.name
+    saved = validate(read_saved_config(config_file), source=str(config_file))
+    name = saved.model.name
+    base_dir = saved.model.pretrained_dir()
+    if base_dir is not None and Path(os.path.abspath(base_dir)) == out:
+        raise ConfigError(
+            f"export -o {out}: that is the model directory {run_dir} was trained from (model.path), which the "
+            "run still reads (its base, its DPO reference); choose another directory"
+        )
     writer = _WRITERS.get(name)
     if writer is None:
         raise ConfigError(
@@ -254,6 +262,9 @@ def _tokenizer_dir(run_dir: Path) -> Path:
     directory = run_dir / TOKENIZER_DIR
     if not directory.is_dir() or directory.is_symlink():
         raise CheckpointError(f"{directory}: missing; the run keeps no copy of its tokenizer")
+    linked = [f.name for f in directory.iterdir() if f.is_symlink()]
+    if linked:  # reading through a planted link would copy a file from outside the run into the export
+        raise CheckpointError(f"{directory}: {', '.join(linked)} is a link; gradwise copies tokenizers as plain files")
     return directory
 
 

@@ -120,8 +120,16 @@ def fold_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str,
         stem = key[: match.start()]
         b = state[f"{stem}.lora_B.{match.group(1)}.weight"]
         weight = stem.replace(_PEFT_PREFIX, "", 1) + ".weight"
-        plain[weight] = plain[weight] + scaling * (b.to(torch.float32) @ a.to(torch.float32)).to(plain[weight].dtype)
+        delta = b.to(torch.float32) @ a.to(torch.float32)  # (out, in), a Linear's layout
+        if delta.shape != plain[weight].shape or _is_conv1d_weight(weight):
+            delta = delta.T  # GPT-2's Conv1D keeps its weight as (in, out) (PEFT's fan_in_fan_out)
+        plain[weight] = plain[weight] + scaling * delta.to(plain[weight].dtype)
     return plain
+
+
+def _is_conv1d_weight(name: str) -> bool:
+    # transformers' GPT-2 family names its Conv1D projections c_attn, c_proj and c_fc.
+    return any(f".{part}.weight" in f".{name}" for part in ("c_attn", "c_proj", "c_fc"))
 
 
 _PEFT_PREFIX = "base_model.model."

@@ -14,6 +14,7 @@ one; attention stays inside each example), and pairs ``(B, 2, L)`` for preferenc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -25,7 +26,7 @@ from gradwise.config.kinds import ModelSection
 from gradwise.config.registry import Component
 from gradwise.data.readers import first_line
 from gradwise.data.types import DataInfo
-from gradwise.errors import ConfigError
+from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models.hf_encoder import enable_checkpointing, layer_list, quiet_transformers
 
 
@@ -98,6 +99,11 @@ class HFCausalLM(nn.Module):
         else:
             ids, positions = inputs, None
         lead, length = ids.shape[:-1], ids.shape[-1]
+        if ids.numel() == 0:
+            # A rank's empty share of a short batch (DDP): one pad row keeps every parameter in the graph,
+            # so the gradient all-reduce still sees each of them; its logits are dropped.
+            logits = self.body(input_ids=ids.new_zeros((1, max(length, 1))), use_cache=False).logits[:0]
+            return logits.reshape(*lead, length, logits.shape[-1])
         kwargs: dict[str, Tensor] = {}
         if positions is not None:
             positions = positions.reshape(-1, length)
@@ -114,8 +120,12 @@ class HFCausalLM(nn.Module):
         return dtype if dtype.is_floating_point else torch.float32
 
     @torch.no_grad()
-    def complete(self, prompt: list[int], max_new_tokens: int, eos_token_id: int) -> list[int]:
-        """The greedy continuation of ``prompt`` (token ids) up to EOS or ``max_new_tokens``; touches no RNG."""
+    def complete(self, prompt: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+        """The greedy continuation of ``prompt`` (token ids) up to a stop token or ``max_new_tokens`` (capped by
+        the model's context); touches no RNG."""
+        room = self.context_length() - len(prompt)
+        if room <= 0:
+            return []
         was_training = self.training
         self.eval()
         device = self.body.get_input_embeddings().weight.device
@@ -123,15 +133,22 @@ class HFCausalLM(nn.Module):
         out = self.body.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=min(max_new_tokens, room),
             do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=eos_token_id,
+            eos_token_id=stop_ids,
+            pad_token_id=stop_ids[0],
             use_cache=True,
         )
         self.train(was_training)
         reply = out[0, len(prompt) :].tolist()
-        return reply[: reply.index(eos_token_id)] if eos_token_id in reply else reply
+        end = next((i for i, token in enumerate(reply) if token in stop_ids), len(reply))
+        return reply[:end]
+
+    def context_length(self) -> int:
+        """The most positions the model reads (``max_position_embeddings`` / ``n_positions``; large if unbounded)."""
+        config = self.body.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(positions) if isinstance(positions, int) else 1 << 30
 
     def embeddings(self) -> nn.Module:
         """The token embedding (NEFTune adds its noise to this module's output)."""
@@ -215,6 +232,13 @@ def build_hf_causal_lm(cfg: HFCausalLMConfig, info: DataInfo) -> HFCausalLM:
             f"set data.max_length to {positions} or less"
         )
     body.config.use_cache = False
+    if (info.text_stats or {}).get("packing") == "padding_free" and attention != "flash_attention_2":
+        warnings.warn(
+            "data.packing=padding_free without flash attention: each training batch becomes one row with a "
+            "(tokens x tokens) attention mask, slower and larger than padding; packed rows cost less here",
+            GradwiseWarning,
+            stacklevel=2,
+        )
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

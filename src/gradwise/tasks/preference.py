@@ -54,6 +54,9 @@ class PreferenceTask:
 
     kind = "preference"
     default_monitor = "val_loss"
+    # The reference table travels in every checkpoint: a resumed run scores against the reference it
+    # started with even if model.path has since been overwritten (gradwise eval recomputes it from model.path).
+    state_key = "preference_reference"
 
     def __init__(self, beta: float, loss_type: str, n_examples: int) -> None:
         self.beta = beta
@@ -86,13 +89,29 @@ class PreferenceTask:
     def new_meter(self) -> PreferenceMeter:
         return PreferenceMeter(self)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"reference": self.reference.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        reference = state["reference"]
+        if reference.shape != self.reference.shape:
+            raise ValueError(
+                f"reference log-probabilities of {tuple(reference.shape)} pairs, expected {tuple(self.reference.shape)}"
+            )
+        self.reference = reference.to(torch.float64).clone()
+
     @torch.no_grad()
     def prepare(self, model: nn.Module, data: Dataset, device: torch.device, autocast: object) -> None:
         """The reference log-probabilities of every pair of every split, from ``model`` as it is now (eval mode).
 
         ``autocast`` is a zero-argument callable returning the run's autocast context, so the reference
-        is computed at the precision training runs at.
+        is computed at the precision training runs at. Dropout is switched off in the policy too (as
+        TRL does by default): with it, the policy's log-probabilities at step 0 would differ from the
+        reference's by noise, and the implicit rewards would start from that noise.
         """
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
         was_training = model.training
         model.eval()
         dtype = next(model.parameters()).dtype

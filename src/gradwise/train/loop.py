@@ -163,24 +163,25 @@ def _fit(
         if ctx.is_main
         else _Silent()
     )
+    samples = (
+        MetricsLog(run_dir, resume_step=counters.step if resume else None, file=SAMPLES_FILE)
+        if ctx.is_main and cfg.eval.samples
+        else None
+    )
     keeper: CheckpointKeeper | _Silent = (
         CheckpointKeeper(
             run_dir / "checkpoints",
             cfg.checkpoint,
             parts.model,
             training_state=lambda: _training_state(parts, counters, sharded=sharded),
-            before_write=log.sync,
+            # Lines of the committed steps survive a crash (samples too: resume does not write them again).
+            before_write=(lambda: (log.sync(), samples.sync())) if samples is not None else log.sync,
             writer=ShardedCheckpointFiles(run_dir / "checkpoints", ctx) if sharded else None,
             # All ranks write sharded checkpoints together, so they must agree when; rank 0 alone needs no one.
             agree=ctx.any if sharded else lambda decision: decision,
         )
         if ctx.is_main or sharded
         else _Silent()
-    )
-    samples = (
-        MetricsLog(run_dir, resume_step=counters.step if resume else None, file=SAMPLES_FILE)
-        if ctx.is_main and cfg.eval.samples
-        else None
     )
     net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
     keeper.saved_step = counters.step if resume else -1
@@ -440,7 +441,7 @@ def _write_samples(parts: RunParts, step: int, samples: MetricsLog) -> None:
         return
     n = min(parts.cfg.eval.samples, len(prompts.prompts))
     for i in range(n):
-        reply = complete(prompts.prompts[i], parts.cfg.eval.sample_tokens, prompts.eos_token_id)
+        reply = complete(prompts.prompts[i], parts.cfg.eval.sample_tokens, prompts.stop_ids)
         samples.write(
             {
                 "step": step,

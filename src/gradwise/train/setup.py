@@ -60,8 +60,9 @@ class RunParts:
     batch_penalty: Callable[[Any], torch.Tensor | None] | None = None
 
     def stateful(self) -> list[Any]:
-        """The hooks and gradient transforms whose state a checkpoint keeps by ``state_key``."""
-        return [*self.hooks, *self.gradients.transforms]
+        """The hooks, gradient transforms and task whose state a checkpoint keeps by ``state_key``."""
+        task = [self.task] if getattr(self.task, "state_key", None) else []  # preference tuning's reference table
+        return [*self.hooks, *self.gradients.transforms, *task]
 
 
 def build_model_and_data(cfg: RunConfig, *, training: bool = False) -> tuple[Dataset, nn.Module, Task, torch.device]:
@@ -130,6 +131,20 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
             task, data = strategy.attach_data(cfg, task, data, model, device)
     mode = monitor_mode(monitor, cfg.stop.mode)
     adaptation = prepare_for_training(cfg, model)
+    low = sorted(
+        {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+        }
+    )
+    if low:
+        warnings.warn(
+            f"the trainable weights are {', '.join(low)}: updates smaller than their resolution are lost; "
+            "train fp32 weights (model.dtype=float32 with precision=bf16 autocast) or adapters (finetune.lora)",
+            GradwiseWarning,
+            stacklevel=2,
+        )
     if fully_shard:
         from gradwise.train.sharding import fully_shard_model
 
