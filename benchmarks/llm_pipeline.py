@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # the recipes' model.path (models/...) are relative to where the runs were trained
     pretrain = step(work, "gpt-python", "gpt-python", args.fresh)
     export(work, "gpt-python", "models/gpt-python")
     sft = step(work, "chat-sft", "chat-sft", args.fresh)
