@@ -96,10 +96,15 @@ def test_preference_file_with_a_conversational_prompt(model_dirs, tmp_path):
         for w in ("yes", "maybe", "sure", "fine", "ok", "right", "good", "great", "nice", "true")
     ]
     rows.append({"prompt": "Answer: ", "chosen": [{"role": "assistant", "content": "yes"}], "rejected": "no"})
+    rows.insert(3, {"prompt": "long " * 200, "chosen": "a", "rejected": "b"})  # dropped: over max_length
     file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = validate(preference(model_dirs["llama"], data={"path": str(file), "val_fraction": 0.2, "test_fraction": 0.0}))
-    data, _, _, _ = build_model_and_data(cfg)
-    assert data.info.text_stats["examples"] == 11 and data.info.text_stats["dropped_no_target"] == 0
+    data_cfg = {"path": str(file), "val_fraction": 0.2, "test_fraction": 0.0, "overflow": "drop"}
+    cfg = validate(preference(model_dirs["llama"], data=data_cfg))
+    data, _, task, _ = build_model_and_data(cfg)  # the reference of every kept pair, by its place in the file
+    stats = data.info.text_stats
+    assert (stats["examples"], stats["dropped_too_long"], stats["pairs_read"]) == (11, 1, 12)
+    assert task.reference.shape == (12, 2) and bool((task.reference[3] == 0).all())
+    assert int((task.reference != 0).all(dim=1).sum()) == 11
     bad = tmp_path / "bad.csv"
     bad.write_text('prompt,chosen,rejected\nhi,"[{""role"": ""assistant"", ""content"": ""x""",no\n')
     from gradwise.errors import DataError

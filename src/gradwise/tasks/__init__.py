@@ -64,7 +64,9 @@ def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
 
         if info.kind != "preference" or info.text_stats is None:
             raise ConfigError(f"task.kind 'preference' needs chosen/rejected pairs; {label!r} is a {info.kind} dataset")
-        return PreferenceTask(cfg.beta, "ipo" if cfg.loss == "ipo" else "dpo", int(info.text_stats["examples"]))
+        # The reference table is indexed by a pair's place among all pairs read (kept or not).
+        pairs = int(info.text_stats.get("pairs_read", info.text_stats["examples"]))
+        return PreferenceTask(cfg.beta, "ipo" if cfg.loss == "ipo" else "dpo", pairs)
     if info.kind == "ranking" or cfg.kind == "ranking":
         from gradwise.tasks.ranking_task import RankingTask
 
