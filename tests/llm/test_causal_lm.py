@@ -301,3 +301,19 @@ def test_task_counts_only_target_tokens():
     task = LanguageModelingTask(10)
     y = torch.tensor([[IGNORE_INDEX, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 1]])
     assert task.count(y) == 3
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"optim": {"name": "muon"}},
+        {"finetune": {"layer_lr_decay": 0.8, "neftune_alpha": 5.0}, "noise": {"eta": 0.01}},
+        {"finetune": {"freeze_layers": 1, "freeze_embeddings": True}},
+        {"finetune": {"unfreeze_every_epochs": 1}},
+        {"precision": "bf16", "model": {"gradient_checkpointing": True}},
+    ],
+    ids=["muon", "llrd-neftune-noise", "freezing", "gradual-unfreezing", "bf16-checkpointing"],
+)
+def test_the_existing_strategies_apply_to_a_causal_lm(model_dirs, tmp_path, sections):
+    summary = fit(validate(sft(model_dirs["llama"], **sections)), tmp_path / "run")
+    assert summary["status"] == "completed" and summary["final"]["val_loss"] < 6.3
