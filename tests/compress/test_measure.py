@@ -94,3 +94,11 @@ def test_measure_metrics_equal_evaluate(tmp_path: Path, digits):
     assert result.metrics == expected
     assert "test_accuracy" in result.metrics and "val_accuracy" in result.metrics
     assert result.parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_timings_wait_for_the_device_on_cuda():
+    """CUDA kernels run asynchronously: the timer must synchronize, or it measures kernel launches."""
+    from gradwise.compress.measure import synchronizer
+
+    assert synchronizer(torch.device("cuda")) is torch.cuda.synchronize
+    synchronizer(torch.device("cpu"))()  # a no-op that needs no GPU

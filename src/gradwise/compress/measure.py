@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +111,25 @@ def _fixed_batch(data: Dataset, batch: int, device: torch.device, dtype: torch.d
     return to_device(gather(split.x, split.lengths, rows), device, dtype)
 
 
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for ``device`` to finish its queued work: CUDA runs kernels asynchronously, so a clock read
+    right after a call would time the launch, not the computation. A no-op on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
 @torch.inference_mode()
 def _time_calls(model: nn.Module, x: torch.Tensor, settings: MeasureSettings) -> list[float]:
+    sync = synchronizer(x.device)
     for _ in range(settings.warmup):
         model(x)
+    sync()
     times = []
     for _ in range(settings.repeats):
         start = time.perf_counter()
         model(x)
+        sync()
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
