@@ -297,3 +297,28 @@ def test_hooks_see_every_step_and_evaluation_and_may_end_the_run(tmp_path: Path)
     assert [s for s, _ in seen_evals] == [5, 10] and summary["steps"] == 10
     logged = [line["val_accuracy"] for line in read_lines(tmp_path / "b", "eval")]
     assert logged[:2] == [v for _, v in seen_evals]
+
+
+@pytest.mark.parametrize("restore_best", [False, True])
+def test_the_final_validation_is_scored_once_unless_other_weights_are_restored(tmp_path, monkeypatch, restore_best):
+    """The last step's evaluation is of the final weights: the summary reuses it instead of a second pass."""
+    import gradwise.train.loop as loop
+
+    scored: list[str] = []
+    real = loop.evaluate
+
+    def counting(model, task, split, name, *args, **kwargs):
+        scored.append(name)
+        return real(model, task, split, name, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", counting)
+    # lr 2.0 makes the last evaluation worse than an earlier one, so a best exists to restore.
+    cfg = config(optim={"lr": 2.0}, stop={"epochs": 3, "restore_best": restore_best}, eval={"every_steps": 4})
+    summary = fit(cfg, tmp_path / "run")
+    evals = read_lines(tmp_path / "run", "eval")
+    restored = summary["final_weights"] == "best"
+    assert scored.count("val") == len(evals) + (1 if restored else 0) and scored.count("test") == 1
+    if not restored:
+        assert {k: v for k, v in evals[-1].items() if k.startswith("val_")} == {
+            k: v for k, v in summary["final"].items() if k.startswith("val_")
+        }

@@ -195,6 +195,7 @@ def _fit(
     parts.model.train()  # evaluation restores the mode it found
     ledger = LossLedger(ctx, log.write, reporter.step)
     loss: float | None = None  # the last settled loss
+    last_eval: tuple[int, Evaluation] | None = None  # (step, validation) of the latest evaluation
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
@@ -225,7 +226,9 @@ def _fit(
 
                 counters.elapsed_s = time.perf_counter() - started
                 if eval_due:
-                    improved, metrics = _evaluate(parts, counters, log, reporter, ctx)
+                    improved, evaluation = _evaluate(parts, counters, log, reporter, ctx)
+                    last_eval = (counters.step, evaluation)
+                    metrics = evaluation.metrics
                     if samples is not None:
                         _write_samples(parts, counters.step, samples)
                     judged = hooks.after_eval(step, metrics) if hooks and hooks.after_eval else None
@@ -292,7 +295,7 @@ def _fit(
         reporter.finish(counters.step)
 
     counters.elapsed_s = time.perf_counter() - started
-    summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx)
+    summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx, last_eval)
     if ctx.is_main and hooks is not None and hooks.finished is not None:
         hooks.finished(run_dir)
     for tracker in trackers:
@@ -404,8 +407,8 @@ def _evaluate(
     log: MetricsLog | _Silent,
     reporter: ProgressReporter,
     ctx: distributed.Distributed,
-) -> tuple[bool, dict[str, float]]:
-    """Evaluate on the validation split, log it, feed the schedule and the stopper; (new best?, metrics)."""
+) -> tuple[bool, Evaluation]:
+    """Evaluate on the validation split, log it, feed the schedule and the stopper; (new best?, the evaluation)."""
     result = _evaluate_split(parts, "val", ctx)
     value = result.metrics[parts.monitor]
     log.write(
@@ -430,7 +433,7 @@ def _evaluate(
     improved = parts.stopper.update(value, counters.step) if settled else False
     shown = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     reporter.note(f"step {counters.step:>6}  epoch {parts.sampler.progress:6.2f}  {shown}{'  *' if improved else ''}")
-    return improved, result.metrics
+    return improved, result
 
 
 def _write_samples(parts: RunParts, step: int, samples: MetricsLog) -> None:
@@ -530,8 +533,14 @@ def _finish(
     status: str,
     stop_reason: str,
     ctx: distributed.Distributed,
+    last_eval: tuple[int, Evaluation] | None = None,
 ) -> dict[str, Any]:
-    """Final evaluation (of the best weights when asked) and the summary; plots are the caller's (``report``)."""
+    """Final evaluation (of the best weights when asked) and the summary; plots are the caller's (``report``).
+
+    The validation split is scored again only when its latest evaluation is not of the final weights
+    (best weights restored, or the run stopped between evaluations): the same weights in eval mode
+    give the same metrics, and a second pass would cost a whole validation run.
+    """
     cfg = parts.cfg
     best_step = parts.stopper.best_step
     weights = "last"
@@ -552,7 +561,10 @@ def _finish(
         else:
             load_weights_into(parts.model, load_model_state(best), best)
         weights = "best"
-    val, test = _evaluate_split(parts, "val", ctx), None
+    if weights == "last" and last_eval is not None and last_eval[0] == counters.step:
+        val, test = last_eval[1], None
+    else:
+        val, test = _evaluate_split(parts, "val", ctx), None
     final = dict(val.metrics)
     if len(parts.data.test.y):
         test = _evaluate_split(parts, "test", ctx)
