@@ -44,28 +44,20 @@ def save_tiny(kind: str, directory: Path, vocab: int = VOCAB, seed: int = 0) -> 
 
     torch.manual_seed(seed)
     common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
+    # Llama and Qwen2 at one size (grouped-query attention); Qwen2 ties its head to the embedding.
+    decoder = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **common,
+    }
     if kind == "llama":
-        config = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            **common,
-        )
+        config = LlamaConfig(tie_word_embeddings=False, **decoder)
     elif kind == "qwen2":
-        config = Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            **common,
-        )
+        config = Qwen2Config(tie_word_embeddings=True, **decoder)
     elif kind == "gpt2":
         config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
     else:

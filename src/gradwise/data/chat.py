@@ -49,8 +49,6 @@ from gradwise.errors import ConfigError, DataError, GradwiseWarning
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
-
 # For tokenizers without a chat template: one header line per turn, EOS after each turn, so a
 # fine-tuned model learns to stop where its reply ends.
 DEFAULT_CHAT_TEMPLATE = (

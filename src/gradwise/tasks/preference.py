@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from gradwise.data.batches import take
 from gradwise.data.types import Dataset, Split
+from gradwise.tasks.language_modeling import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 REFERENCE_BATCH = 16
 
 
