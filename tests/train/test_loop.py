@@ -164,6 +164,56 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_run(tmp_path: Path):
     assert (tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").exists()
 
 
+def test_one_process_reads_losses_in_windows_and_still_names_the_step_that_went_nan(tmp_path: Path, monkeypatch):
+    # Reading a loss makes the host wait for the device: one process settles every STOP_CHECK_STEPS steps
+    # (or at an epoch end / evaluation), not every step. A NaN in the middle of a window is still reported
+    # at its own step, and no record from it on is written.
+    from gradwise.train import ledger, loop
+
+    monkeypatch.setattr(loop, "SETTLE_EVERY_S", 1e9)  # only the step rules, whatever the machine's load
+    settles = []
+    real_settle = ledger.LossLedger.settle
+    monkeypatch.setattr(
+        ledger.LossLedger, "settle", lambda self, asked: settles.append(self.pending) or real_settle(self, asked)
+    )
+    cfg = config(batch={"size": 8}, stop={"epochs": 1})
+    summary = fit(cfg, tmp_path / "clean")
+    steps = summary["steps"]
+    assert steps > 2 * loop.STOP_CHECK_STEPS
+    assert len(settles) <= steps // loop.STOP_CHECK_STEPS + 3 and max(settles) == loop.STOP_CHECK_STEPS
+    assert [line["step"] for line in read_lines(tmp_path / "clean", "train")] == list(range(1, steps + 1))
+    assert all(isinstance(line["loss"], float) for line in read_lines(tmp_path / "clean", "train"))
+
+    # Step 4 (0-based index 3) runs with a NaN weight, so its loss is NaN.
+    from gradwise.train import setup
+
+    real_build = setup.build_run
+
+    def build(cfg, **kwargs):
+        parts = real_build(cfg, **kwargs)
+        real_step = loop._train_step
+
+        def step(parts_, index, net, ctx):
+            if index == 3:
+                with torch.no_grad():
+                    next(parts_.model.parameters()).fill_(float("nan"))
+            return real_step(parts_, index, net, ctx)
+
+        monkeypatch.setattr(loop, "_train_step", step)
+        return parts
+
+    monkeypatch.setattr(loop, "build_run", build)
+    with pytest.raises(TrainingError, match=r"training loss is nan at step 4 "):
+        fit(cfg, tmp_path / "nan")
+    assert [line["step"] for line in read_lines(tmp_path / "nan", "train")] == [1, 2, 3]
+
+
+def test_clipping_logs_the_gradient_norm_of_every_step(tmp_path: Path):
+    summary = fit(config(regularize={"clip_grad_norm": 1.0}, batch={"size": 8}, stop={"epochs": 1}), tmp_path / "run")
+    norms = [line["grad_norm"] for line in read_lines(tmp_path / "run", "train")]
+    assert len(norms) == summary["steps"] and all(isinstance(n, float) and n > 0 for n in norms)
+
+
 def test_l2_penalty_in_the_loss_equals_torch_coupled_weight_decay(tmp_path: Path):
     # SGD on loss + (λ/2)|w|² must equal torch SGD(weight_decay=λ) on the loss; biases are exempt in ours,
     # so compare with a torch optimizer that decays only the weight matrices.

@@ -20,11 +20,11 @@ from gradwise.optim.weight_decay import apply_decoupled_weight_decay
 
 
 class GradientTransform(Protocol):
-    """One link of the chain: changes the gradients (or weights) in place; may report numbers."""
+    """One link of the chain: changes the gradients (or weights) in place; may report 0-d tensors."""
 
     state_key: ClassVar[str | None]
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]: ...
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]: ...
 
 
 def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -39,7 +39,7 @@ class PenaltyGradient:
     def __init__(self, l1: float, l2: float) -> None:
         self.l1, self.l2 = l1, l2
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
         penalty = weight_penalty(optimizer, self.l1, self.l2)
         if penalty is not None:
             penalty.backward()
@@ -58,10 +58,12 @@ class ClipGradNorm:
     def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
         norm = torch.nn.utils.clip_grad_norm_(_parameters(optimizer), self.max_norm)
         # Over sharded gradients the norm is a DTensor: its full value is the norm of the whole model.
-        return {"grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)}
+        # A 0-d tensor, not a float: reading it would make the host wait for the device every step;
+        # the loop's ledger reads it with the step's loss when it settles a window of steps.
+        return {"grad_norm": (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()}
 
 
 class AddGradientNoise:
@@ -72,7 +74,7 @@ class AddGradientNoise:
     def __init__(self, noise: GradientNoise) -> None:
         self.noise = noise
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
         self.noise.add_(_parameters(optimizer), step)
         return {}
 
@@ -88,7 +90,7 @@ class DecoupledWeightDecay:
 
     state_key: ClassVar[str | None] = None
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
         apply_decoupled_weight_decay(optimizer)
         return {}
 
@@ -99,8 +101,8 @@ class GradientChain:
     def __init__(self, transforms: Sequence[GradientTransform]) -> None:
         self.transforms = list(transforms)
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
-        info: dict[str, float] = {}
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, torch.Tensor]:
+        info: dict[str, torch.Tensor] = {}
         for transform in self.transforms:
             info.update(transform.apply(optimizer, step))
         return info

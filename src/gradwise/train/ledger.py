@@ -8,8 +8,13 @@ once: one all-reduce of ``[loss_1 … loss_k, stop request]`` gives every rank
 the global losses and the agreed stop decision together. The loop settles at
 the points where every rank must be in the same state anyway (an evaluation, a
 checkpoint, an epoch end, every ``STOP_CHECK_STEPS`` steps, the end); a
-non-finite loss is found there, before anything is written. One process
-settles after every step, which costs what reading the loss always cost.
+non-finite loss is found there, before anything is written.
+
+One process settles in windows too: reading a loss (or a clipped gradient's norm)
+makes the host wait for the device to finish the step, which on a GPU stalls the
+queue of kernels the next step would already be launching. Settling replays the
+window's records in order, so a non-finite loss is still reported at its own step,
+and nothing after it is written.
 """
 
 from __future__ import annotations
@@ -39,8 +44,17 @@ class LossLedger:
         self._pending: list[tuple[dict[str, Any], torch.Tensor]] = []
 
     def add(self, record: dict[str, Any], loss: torch.Tensor) -> None:
-        """Keep a step's record (its ``loss`` key is filled at settling) with this rank's share of the loss."""
+        """Keep a step's record (its ``loss`` key is filled at settling) with this rank's share of the loss.
+
+        Other 0-d tensors in the record (a clipped gradient's norm, the same on every rank) are read at
+        settling too.
+        """
         self._pending.append((record, loss.detach()))
+
+    @property
+    def pending(self) -> int:
+        """Steps waiting to be settled."""
+        return len(self._pending)
 
     def settle(self, stop_asked: bool) -> tuple[float | None, bool]:
         """Reduce the pending losses over ranks, check and log them; agree on a stop request.
@@ -61,6 +75,7 @@ class LossLedger:
             shares, stop_asked = packed[:-1], bool(packed[-1].item() > 0)
         losses = shares.tolist()
         pending, self._pending = self._pending, []
+        _read_tensors([record for record, _ in pending])
         for (record, _), loss in zip(pending, losses, strict=True):
             if not math.isfinite(loss):
                 raise TrainingError(f"training loss is {loss} at step {record['step']} (epoch {record['epoch']:.2f})")
@@ -68,3 +83,13 @@ class LossLedger:
             self.write(record)
             self.report(record["step"], loss, record["lr"])
         return losses[-1], stop_asked
+
+
+def _read_tensors(records: list[dict[str, Any]]) -> None:
+    """Replace the tensor values of ``records`` by floats, with one device-to-host copy for all of them."""
+    where = [(record, key) for record in records for key, value in record.items() if isinstance(value, torch.Tensor)]
+    if not where:
+        return
+    values = torch.stack([record[key].reshape(()).to(torch.float64) for record, key in where]).tolist()
+    for (record, key), value in zip(where, values, strict=True):
+        record[key] = value

@@ -66,8 +66,12 @@ from gradwise.train.strategies import active_strategies
 
 # Where eval.samples writes the model's replies to validation prompts.
 SAMPLES_FILE = "samples.jsonl"
-# Under torch.distributed, how often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
+# How many steps' losses wait before they are read (settled), at most; under torch.distributed also how
+# often the ranks agree on a stop request (Ctrl-C, SIGTERM, stop_requested).
 STOP_CHECK_STEPS = 16
+# One process also settles once this long has passed since it last did, so that slow steps log and show
+# progress as they go (ranks cannot: they settle together, at the same steps).
+SETTLE_EVERY_S = 1.0
 
 
 @dataclass
@@ -102,7 +106,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's share of the step's loss (the whole loss in one process); see LossLedger
     lr: float
     batch_size: int
-    grad_norm: float | None
+    grad_norm: torch.Tensor | None  # read, like the loss, when the ledger settles
 
 
 def fit(
@@ -194,6 +198,7 @@ def _fit(
 
     parts.model.train()  # evaluation restores the mode it found
     ledger = LossLedger(ctx, log.write, reporter.step)
+    settled_at = time.perf_counter()
     loss: float | None = None  # the last settled loss
     last_eval: tuple[int, Evaluation] | None = None  # (step, validation) of the latest evaluation
     with reporter, _interrupt_flag() as interrupted:
@@ -208,21 +213,26 @@ def _fit(
                 record.update(examples=counters.examples, **vars(result))
                 ledger.add(record | {"time": round(time.perf_counter() - started, 4)}, result.loss)
                 eval_due = _eval_due(cfg, epoch_ended, step, parts.total_steps)
-                # One process settles every step. Ranks settle (one all-reduce of the window's losses and of
-                # the stop requests) where they must agree anyway, and every STOP_CHECK_STEPS steps.
+                # The losses are read (settled) only where they must be: before anything is evaluated or
+                # written, at an epoch end, every STOP_CHECK_STEPS steps, and for an after_step observer. Ranks
+                # settle with one all-reduce of the window's losses and stop requests; one process polls its
+                # stop flags every step (they live on the host) and settles when one is set.
+                asked = False if ctx.active else interrupted() or (stop_requested is not None and stop_requested())
                 settle = (
-                    not ctx.active
+                    asked
                     or (hooks is not None and hooks.after_step is not None)
                     or epoch_ended
                     or eval_due
                     or step % STOP_CHECK_STEPS == 0
                     or step == parts.total_steps
                     or bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                    or (not ctx.active and time.perf_counter() - settled_at >= SETTLE_EVERY_S)
                 )
-                asked = False
                 if settle:
-                    asked = interrupted() or (stop_requested is not None and stop_requested())
+                    if ctx.active:
+                        asked = interrupted() or (stop_requested is not None and stop_requested())
                     loss, asked = ledger.settle(asked)
+                    settled_at = time.perf_counter()
 
                 counters.elapsed_s = time.perf_counter() - started
                 if eval_due:
@@ -247,6 +257,7 @@ def _fit(
                 if asked:
                     stop_reason, status = f"interrupted at step {step}; resume to continue", "interrupted"
                     break
+            ledger.settle(False)  # nothing is pending at any exit above; this keeps it so if one is added
             keeper.save(counters.step)
         except RuntimeError as exc:
             if not (ctx.active and distributed.lost_a_peer(exc)):
