@@ -26,14 +26,16 @@ class ModelSection(ComponentSection):
     """Settings every model has.
 
     ``init_from`` starts from the best weights of one of our own runs (same body, new head);
-    ``compile`` runs the model through ``torch.compile``.
+    ``compile``: ``model`` (or true) runs the model's forward through ``torch.compile``; ``step`` compiles
+    the training step (the micro-batch loss with its backward, and the optimizer update; see
+    :mod:`gradwise.train.compiled`).
 
     Class attributes: ``takes`` is the batch format the model reads; ``body`` says the model
     has a transformer body that ``finetune.*`` can freeze, unfreeze and decay layer-wise.
     """
 
     init_from: Path | None = None
-    compile: bool = False
+    compile: bool | Literal["model", "step"] = False
 
     takes: ClassVar[tuple[str, ...]] = ("features",)
     body: ClassVar[bool] = False

@@ -49,6 +49,6 @@ def prepare_for_training(cfg: RunConfig, model: nn.Module) -> TrainingAdaptation
         if prepared is not None:
             adaptation.optim = prepared.optim or adaptation.optim
             adaptation.hooks.extend(prepared.hooks)
-    if cfg.model.compile:
+    if cfg.model.compile in (True, "model"):  # "step" compiles in the loop (gradwise.train.compiled)
         model.compile()  # in place: parameter names (and checkpoints) stay those of the eager model
     return adaptation

@@ -53,6 +53,7 @@ from gradwise.store.sharded import (
     optimizer_state_dict,
 )
 from gradwise.train import distributed
+from gradwise.train.compiled import StepFunctions, set_lr
 from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
 from gradwise.train.hooks import hook_states, load_hook_states
@@ -188,6 +189,7 @@ def _fit(
         else _Silent()
     )
     net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
+    steps = StepFunctions(net, _loss_function(parts, net), parts.optimizer, compile_step=cfg.model.compile == "step")
     keeper.saved_step = counters.step if resume else -1
     name = cfg.name or run_dir.name
     reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress and ctx.is_main)
@@ -204,7 +206,7 @@ def _fit(
     with reporter, _interrupt_flag() as interrupted:
         try:
             while counters.step < parts.total_steps and not parts.stopper.should_stop:
-                result, epoch_ended, terms = _train_step(parts, counters.step, net, ctx)
+                result, epoch_ended, terms = _train_step(parts, counters.step, steps, ctx)
                 counters.step += 1
                 counters.examples += result.batch_size
                 counters.loss_terms += terms
@@ -328,13 +330,15 @@ def _open_trackers(cfg: RunConfig, run_dir: Path, resume: bool) -> list[Any]:
 
 
 def _train_step(
-    parts: RunParts, step: int, net: nn.Module, ctx: distributed.Distributed
+    parts: RunParts, step: int, steps: StepFunctions, ctx: distributed.Distributed
 ) -> tuple[StepResult, bool, int]:
     """Take the next batch, accumulate its gradient over micro-batches, and update the weights.
 
-    ``net`` is the model the forward pass goes through: the model itself, or its DistributedDataParallel
-    wrapper, in which case this rank computes its stride of the global batch and DDP averages gradients.
-    The training split stays on the host; each micro-batch moves to the device when it is used.
+    ``steps`` runs a micro-batch's forward, loss and backward and the optimizer's update (eager, or
+    compiled with ``model.compile: step``). Its forward goes through the model itself or its
+    DistributedDataParallel wrapper, in which case this rank computes its stride of the global batch and
+    DDP averages gradients. The training split stays on the host; each micro-batch moves to the device
+    when it is used.
     """
     cfg, optimizer = parts.cfg, parts.optimizer
     epoch = parts.sampler.epoch
@@ -346,7 +350,7 @@ def _train_step(
     # Scaled by the planned size: the short last batch of an epoch is not a batch-size change.
     lr_factor = parts.schedule.multiplier(step) * parts.plan.lr_scale(planned)
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * lr_factor
+        set_lr(group, group["base_lr"] * lr_factor)
 
     optimizer.zero_grad(set_to_none=True)
     dtype = parameter_dtype(cfg.precision)
@@ -367,29 +371,39 @@ def _train_step(
     batches = [to_device(take(train, chunk, epoch), parts.device, dtype) for chunk in chunks]
     for i, (inputs, targets) in enumerate(batches):
         # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimizer step, with the last micro-batch.
-        with gradient_sync(net, enabled=not ctx.active or i == len(chunks) - 1):
-            with autocast(parts.device, cfg.precision):
-                outputs = net(inputs)
-            # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
-            loss = parts.task.loss_sum(outputs.to(dtype), targets)
-            if parts.batch_penalty is not None:  # the model's own per-batch term (L2 of the rows a batch looks up)
-                penalty = parts.batch_penalty(inputs)
-                loss = loss if penalty is None else loss + penalty.to(dtype)
-            loss = loss / terms
-            if scale != 1:
-                loss = loss * scale
-            loss.backward()
-        loss_sum += loss.detach()
+        with gradient_sync(steps.net, enabled=not ctx.active or i == len(chunks) - 1):
+            loss_sum += steps.backward(inputs, targets, terms, scale)
 
     # Penalty gradients, clipping, noise (at this 0-based step), decoupled weight decay: in that order.
     applied = parts.gradients.apply(optimizer, step)
-    optimizer.step()
+    steps.update()
     for hook in parts.hooks:
         hook.after_optimizer_step(step + 1)  # e.g. pruned weights back to exactly zero; re-prune on schedule
     # The LR of optim.lr after schedule and batch scaling; groups with lr_multipliers use a multiple of it.
     grad_norm = applied.get("grad_norm")
     result = StepResult(loss=loss_sum / scale, lr=cfg.optim.lr * lr_factor, batch_size=n, grad_norm=grad_norm)
     return result, epoch_ended, terms
+
+
+def _loss_function(parts: RunParts, net: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
+    """A micro-batch's summed loss, forward included: what ``model.compile: step`` compiles as one graph.
+
+    It closes over plain locals, not ``parts``, so that a compiled graph guards on nothing else.
+    """
+    task, penalty, device, precision = parts.task, parts.batch_penalty, parts.device, parts.cfg.precision
+    dtype = parameter_dtype(precision)
+
+    def loss_sum(inputs: Any, targets: Any) -> torch.Tensor:
+        with autocast(device, precision):
+            outputs = net(inputs)
+        # Losses are computed in the weights' dtype even when bf16 autocast ran the forward.
+        loss = task.loss_sum(outputs.to(dtype), targets)
+        if penalty is not None:  # the model's own per-batch term (L2 of the rows a batch looks up)
+            term = penalty(inputs)
+            loss = loss if term is None else loss + term.to(dtype)
+        return loss
+
+    return loss_sum
 
 
 class _Silent:
