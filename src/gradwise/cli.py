@@ -201,7 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, default=1, help="trials run at once")
     sw.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
     sw.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
-    sw.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in the sweep directory)")
+    sw.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default: SQLite in the sweep directory); postgresql://user@host/db lets workers "
+        "on several machines share the study (run the same command on each)",
+    )
+    sw.add_argument(
+        "--heartbeat",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="with a server --storage: seconds between a worker's heartbeats (default 20); a trial silent for 3 "
+        "of them is failed and its values queued again",
+    )
     sw.add_argument("--name", default=None, help="sweep directory name (default: sweep-<recipe>)")
     sw.add_argument("--seed", type=int, default=0, help="the sampler's seed")
 
@@ -626,6 +639,7 @@ def _sweep(args: argparse.Namespace) -> int:
         storage=args.storage,
         name=args.name,
         seed=args.seed,
+        **({} if args.heartbeat is None else {"heartbeat": args.heartbeat}),
     )
     print((sweep_dir / "trials.md").read_text(), end="")
     print(f"sweep: {sweep_dir}   best recipe: {sweep_dir / 'best.yaml'}")

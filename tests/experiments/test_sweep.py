@@ -171,10 +171,12 @@ def wait_for_running_trial(process: subprocess.Popen, db: Path, done: int) -> in
         try:
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
                 states = dict(con.execute("SELECT number, state FROM trials").fetchall())
+                # Every value drawn (both of SPACE's): a kill between two draws would leave a partial set.
                 with_params = {
                     n
                     for (n,) in con.execute(
-                        "SELECT DISTINCT t.number FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id"
+                        "SELECT t.number FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id "
+                        "GROUP BY t.number HAVING COUNT(*) = 2"
                     )
                 }
         except sqlite3.OperationalError:  # not created yet
@@ -237,6 +239,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path):
         run_sweep(Path("digits-mlp"), space, sampler="bayes")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="--trials and --jobs must be >= 1"):
         run_sweep(Path("digits-mlp"), space, trials=0)
+    with pytest.raises(ConfigError, match=r"--heartbeat must be >= 1 second \(got 0\)"):
+        run_sweep(Path("digits-mlp"), space, heartbeat=0)
     with pytest.raises(ConfigError, match="has variants; a sweep searches one recipe"):
         run_sweep(Path("optimizer-tour"), space, overrides=[f"out_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"optim.lr: the grid sampler needs a list of choices"):

@@ -2,7 +2,8 @@
 
 ``run_sweep(recipe, space)`` keeps the study in a real database (SQLite in the
 sweep directory unless ``storage`` names another Optuna storage URL, e.g.
-PostgreSQL, so several machines can share one study). Each trial trains the
+PostgreSQL, so several machines can share one study: each runs the same command
+in its own directory). Each trial trains the
 recipe with the trial's values into ``<sweep_dir>/trial-NNNN/`` through
 :func:`gradwise.train.loop.fit`; the objective is the run's best value of its
 monitored metric. Pruning reuses the early stopper: the ``after_eval`` hook
@@ -10,8 +11,12 @@ reports each validation value to Optuna and, when the pruner says so, returns
 a reason that stops the run like patience would.
 
 Re-running the same command continues the same study until ``trials`` trials
-have finished: a trial left RUNNING by a killed process on this machine is
-marked FAIL and its values are queued again, so no trial is lost or run twice.
+have finished, never more: counting the trials and asking for the next one is one
+step under a lock (a lock file for SQLite, an advisory lock of the database on
+PostgreSQL). A trial left RUNNING by a killed worker is marked FAIL and its values
+are queued again once, so no trial is lost or run twice: with SQLite when its
+process on this machine is gone, with a server database when its worker, on any
+machine, has sent no heartbeat for a while (Optuna's heartbeat).
 At the end the sweep writes ``best.yaml`` (the recipe with the best values: it
 reproduces the best trial, since every trial uses the recipe's seed),
 ``trials.md`` / ``trials.json``, ``trials.png`` and ``sweep.json`` (see
@@ -29,6 +34,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +43,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+import sqlalchemy
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+# Optuna's own heartbeat thread, as ``Study.optimize`` runs it around each trial (ask/tell gets none by itself).
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 
 from gradwise.config import RunConfig, apply_overrides, monitor_mode, read_yaml, validate
@@ -53,6 +66,15 @@ MEDIAN_WARMUP_EVALS = 2
 MEDIAN_STARTUP_TRIALS = 5
 # Fields that do not change what a trial optimizes: a re-run may differ in them and still continue the study.
 _NOT_SEARCH = {"name", "description", "out_dir", "resume", "log"}
+# A server database's workers beat this often; a trial silent for GRACE_BEATS beats has a dead worker.
+HEARTBEAT_S = 20
+GRACE_BEATS = 3
+# Values are retried at most this often after their worker died (an OOM kill each time?), then given up.
+MAX_RETRY = 2
+# pg_advisory_xact_lock(space, study_id): the space keeps gradwise's locks apart from any other user's.
+_PG_LOCK_SPACE = 0x67727764
+# A machine that dies holding the lock must not block the others until TCP notices (hours).
+_PG_LOCK_IDLE_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,7 @@ class _Plan:
     seed: int
     monitor: str
     jobs: int
+    heartbeat: int
 
 
 def run_sweep(
@@ -84,6 +107,7 @@ def run_sweep(
     storage: str | None = None,
     name: str | None = None,
     seed: int = 0,
+    heartbeat: int = HEARTBEAT_S,
 ) -> Path:
     """Search ``space`` around ``recipe`` with Optuna and return the sweep directory.
 
@@ -102,6 +126,8 @@ def run_sweep(
         name: The sweep (and study) name; default ``sweep-<recipe stem>``. The sweep
             directory is ``<out_dir>/<name>``, so the same command continues the same sweep.
         seed: The sampler's seed (each trial uses the recipe's own seed).
+        heartbeat: Seconds between a worker's heartbeats on a server database (not SQLite); a
+            trial whose worker sent none for ``GRACE_BEATS`` times that is failed and queued again.
 
     Returns:
         The sweep directory.
@@ -120,6 +146,8 @@ def run_sweep(
     """
     if trials < 1 or jobs < 1:
         raise ConfigError(f"sweep: --trials and --jobs must be >= 1 (got trials={trials}, jobs={jobs})")
+    if heartbeat < 1:
+        raise ConfigError(f"sweep: --heartbeat must be >= 1 second (got {heartbeat})")
     if sampler not in SAMPLERS or pruner not in PRUNERS:
         raise ConfigError(f"sweep: sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}")
     recipe_path = find_recipe(str(recipe))
@@ -135,12 +163,17 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     monitor = _monitor(base)
-    study = _open_study(url, study_name, "maximize" if monitor_mode(monitor, base.stop.mode) == "max" else "minimize")
-    _check_same_search(study, base, searched, monitor, url)
-    _recover_killed(study)
-    if not study.get_trials(deepcopy=False) and sampler != "grid":
-        _enqueue_recipe_values(study, base, searched)  # the recipe's own values first: never worse than it
-    plan = _Plan(sweep_dir, url, study_name, base_raw, searched, trials, sampler, pruner, seed, monitor, jobs)
+    direction = "maximize" if monitor_mode(monitor, base.stop.mode) == "max" else "minimize"
+    study = _open_study(url, study_name, direction, heartbeat)
+    plan = _Plan(
+        sweep_dir, url, study_name, base_raw, searched, trials, sampler, pruner, seed, monitor, jobs, heartbeat
+    )
+    with _study_lock(study, plan):  # two machines starting one study at once: one signs it, one anchors it
+        _check_same_search(study, base, searched, monitor, url)
+        if not _beats(study):
+            _recover_killed(study)
+        if not study.get_trials(deepcopy=False) and sampler != "grid":
+            _enqueue_recipe_values(study, base, searched)  # the recipe's own values first: never worse than it
     interrupted = False
     try:
         if jobs == 1:
@@ -171,12 +204,13 @@ def _monitor(cfg: RunConfig) -> str:
     return build_task(cfg.task, data.info).default_monitor
 
 
-def _open_study(url: str, study_name: str, direction: str) -> optuna.Study:
-    # SQLite locks the whole file on a write; parallel workers wait for it instead of failing.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+def _open_study(url: str, study_name: str, direction: str, heartbeat: int) -> optuna.Study:
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, load_if_exists=True)
+        with _creation_lock(url):
+            storage = _storage(url, heartbeat)
+            study = optuna.create_study(
+                storage=storage, study_name=study_name, direction=direction, load_if_exists=True
+            )
     except Exception as exc:  # SQLAlchemy raises many types: a bad URL, a missing driver, no server
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(f"sweep storage {_masked(url)}: cannot open ({type(exc).__name__}: {detail})") from None
@@ -257,12 +291,17 @@ def _enqueue_recipe_values(study: optuna.Study, base: RunConfig, searched: Space
     study.enqueue_trial(point, user_attrs={"recipe_values": True})
 
 
-def _make_sampler(plan: _Plan, study: optuna.Study, worker: int) -> optuna.samplers.BaseSampler:
+def _make_sampler(plan: _Plan, study: optuna.Study, joined: int) -> optuna.samplers.BaseSampler:
+    """The worker's sampler; ``joined`` counts the workers that joined the study before this one.
+
+    ``joined``, not the worker's index on its machine: two machines' first workers must not
+    draw the same values. A single-worker sweep's first run has ``joined`` 0 (the plain seed).
+    """
     if plan.sampler == "grid":  # the same shuffled order in every worker: trial n takes grid point n
         return _GridSampler(plan.space.grid(), seed=plan.seed)
     # A continued study must not replay the first run's random draws: the seed moves with its history.
     done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    seed = plan.seed + done + 7919 * worker
+    seed = plan.seed + done + 7919 * joined
     if plan.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -293,23 +332,185 @@ def _taken(trials: list[FrozenTrial]) -> int:
 
 
 def _work(plan: _Plan, worker: int) -> None:
-    """Ask for trials and run them until the study has ``plan.trials`` finished or running."""
-    study = optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage))
-    study.sampler = _make_sampler(plan, study, worker)
+    """Ask for trials and run them until the study has ``plan.trials`` finished.
+
+    With SQLite the worker stops once that many are finished or running (a trial it leaves
+    RUNNING is recovered by the next run on this machine). On a server database it waits
+    while other workers' trials run instead: one whose worker dies is retried here.
+    """
+    study = optuna.load_study(study_name=plan.study_name, storage=_storage(plan.storage, plan.heartbeat))
+    with _study_lock(study, plan):
+        joined = int(study.user_attrs.get("gradwise_workers", 0))
+        study.set_user_attr("gradwise_workers", joined + 1)
+    study.sampler = _make_sampler(plan, study, joined)
     study.pruner = _make_pruner(plan)
     while True:
-        with _lock(plan.sweep_dir / ".ask.lock"):  # count and ask as one step among this machine's workers
-            if _taken(study.get_trials(deepcopy=False)) >= plan.trials:
+        with _study_lock(study, plan):  # count and ask as one step among all the study's workers
+            if _beats(study):
+                _reclaim_dead(study)
+            trials = study.get_trials(deepcopy=False)
+            if _taken(trials) < plan.trials:
+                trial = _ask(study, plan, worker)
+                values = plan.space.suggest(trial)
+            elif _finished(trials) >= plan.trials or not _beats(study):
                 return
-            trial = study.ask()
-            trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
-            values = plan.space.suggest(trial)
-        _run_trial(study, trial, values, plan)
+            else:
+                trial = None
+        if trial is None:  # the rest are running elsewhere: look again after a beat
+            time.sleep(plan.heartbeat)
+            continue
+        with get_heartbeat_thread(trial._trial_id, study._storage):  # a NullHeartbeatThread on SQLite
+            try:
+                _run_trial(study, trial, values, plan)
+            except UpdateFinishedTrialError:
+                grace = GRACE_BEATS * plan.heartbeat
+                print(
+                    f"sweep: trial {trial.number} was failed by another worker (no heartbeat from here for {grace} s) "
+                    "and its values queued again; going on",
+                    file=sys.stderr,
+                )
 
 
-def _storage(url: str) -> optuna.storages.RDBStorage:
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+def _ask(study: optuna.Study, plan: _Plan, worker: int) -> optuna.trial.Trial:
+    """A new trial, beating already, and then marked with its worker (called under the study lock).
+
+    The first beat is recorded before the worker mark: a RUNNING trial without the mark,
+    seen under the lock, lost its worker between the two (see :func:`_reclaim_dead`).
+    """
+    with warnings.catch_warnings():
+        # "Heartbeat ... supposed to be used with Study.optimize": this loop runs the heartbeat itself.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+        trial = study.ask()
+    if _beats(study):
+        study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+    # The directory, resolved: the tables of a study shared by several directories say where each trial ran.
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "worker": worker, "dir": str(plan.sweep_dir.resolve())}
+    if _beats(study):
+        here["heartbeat"] = plan.heartbeat  # beats were recorded first (see _reclaim_dead)
+    trial.set_user_attr("worker", here)
+    return trial
+
+
+def _beats(study: optuna.Study) -> bool:
+    """Whether the study's storage has a heartbeat (a server database; not SQLite)."""
+    return study._storage.get_heartbeat_interval() is not None  # type: ignore[attr-defined]
+
+
+def _finished(trials: list[FrozenTrial]) -> int:
+    """Trials finished for good: completed, pruned, or failed with an error."""
+    return sum(1 for t in trials if _outcome(t) in ("completed", "pruned", "error"))
+
+
+def _reclaim_dead(study: optuna.Study) -> None:
+    """Fail the trials whose worker died, on any machine, and queue their values again (under the study lock).
+
+    Optuna fails a trial whose heartbeat stopped and runs the storage's :class:`_RequeueStale`.
+    It skips a trial that never beat; here a trial beats before it gets its worker mark (with its
+    ``heartbeat``), both under the lock this worker holds, so a RUNNING trial without that mark
+    has lost its worker (or a worker that never beat: one of an older gradwise, left RUNNING).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # fail_stale_trials is "experimental" since 2.9
+        optuna.storages.fail_stale_trials(study)
+    requeue = study._storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+    for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not (isinstance(worker, dict) and worker.get("heartbeat")):
+            study.tell(trial.number, state=TrialState.FAIL)
+            requeue(study, trial)
+
+
+class _RequeueStale:
+    """Optuna's :class:`RetryHeartbeatStaleTrialCallback`, queuing a trial's values at most once.
+
+    The queued trial gets gradwise's ``retry_of`` (the trial it retries, which the tables show)
+    and no worker mark or result of the dead trial. A trial whose worker queued it again before
+    it died (interrupted, then killed between the queuing and the tell) is not queued twice.
+    """
+
+    def __init__(self, max_retry: int) -> None:
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+            return
+        if not trial.params:  # died before its values were drawn: the sampler draws new ones anyway
+            return
+        kept = {k: v for k, v in trial.user_attrs.items() if k not in ("worker", "result")}
+        trial.user_attrs = {**kept, "retry_of": trial.number}
+        self._retry(study, trial)
+
+
+def _storage(url: str, heartbeat: int) -> RDBStorage:
+    """The study's storage; on a server database with Optuna's heartbeat and stale-trial retry.
+
+    SQLite keeps the host + pid check instead (:func:`_recover_killed`): its file lives on one
+    machine, where a dead process is known at once and exactly, with no grace period to wait
+    out, and a heartbeat writer per trial would contend with the trials for its one write lock.
+    """
+    if url.startswith("sqlite"):
+        # SQLite locks the whole file on a write; parallel workers wait for it instead of failing.
+        return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is "experimental" since 2.9
+        return RDBStorage(
+            _driver_url(url),
+            heartbeat_interval=heartbeat,
+            grace_period=GRACE_BEATS * heartbeat,
+            heartbeat_stale_trial_callback=_RequeueStale(MAX_RETRY),
+        )
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` with the driver gradwise installs (extra ``postgres``), whatever SQLAlchemy's default."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+@contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Machines starting one sweep on a new PostgreSQL database make Optuna's tables one at a time.
+
+    PostgreSQL fails a CREATE TABLE that races another one (a unique violation in its catalog)
+    rather than waiting for it; under this lock the second worker finds the tables made.
+    """
+    if not url.startswith("postgresql"):
+        yield
+        return
+    engine = sqlalchemy.create_engine(_driver_url(url), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection, connection.begin():
+            # Key 0 of gradwise's lock space: study ids, the other keys, start at 1.
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:space, 0)"), {"space": _PG_LOCK_SPACE})
+            yield
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _study_lock(study: optuna.Study, plan: _Plan) -> Iterator[None]:
+    """One worker at a time for this study: an advisory lock of PostgreSQL, held by every
+    machine's workers, else a lock file in the sweep directory (this machine's workers only).
+
+    The transaction-level lock is released by the commit, by a rollback, or by the server when
+    the connection dies, so a killed worker never leaves it held.
+    """
+    storage = study._storage._backend if hasattr(study._storage, "_backend") else study._storage
+    engine = storage.engine if isinstance(storage, RDBStorage) else None
+    if engine is None or engine.dialect.name != "postgresql":
+        with _lock(plan.sweep_dir / ".ask.lock"):
+            yield
+        return
+    with engine.connect() as connection, connection.begin():
+        connection.execute(
+            sqlalchemy.text(f"SET LOCAL idle_in_transaction_session_timeout = '{_PG_LOCK_IDLE_TIMEOUT_S}s'")
+        )
+        connection.execute(
+            sqlalchemy.text("SELECT pg_advisory_xact_lock(:space, :study)"),
+            {"space": _PG_LOCK_SPACE, "study": study._study_id},
+        )
+        yield
 
 
 @contextmanager

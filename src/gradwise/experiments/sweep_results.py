@@ -6,7 +6,10 @@ study stops (finished or interrupted). It writes into the sweep directory
 ``trials.md`` (the same as a Markdown table under a one-line headline),
 ``trials.png`` (each trial's best value and the running best), ``best.yaml``
 (the recipe with the best trial's values, when one completed) and ``sweep.json``
-(the sweep's settings, counts and best trial). :func:`_outcome` (how a trial ended)
+(the sweep's settings, counts and best trial). A study shared by several sweep
+directories (machines) has the same tables in each; a trial's ``run_dir`` is its
+``trial-NNNN`` name when it ran in this directory, else the other directory's path
+(after ``host:`` when another machine ran it). :func:`_outcome` (how a trial ended)
 and :func:`_masked` (a storage URL without its password) live here too: the study
 code in :mod:`gradwise.experiments.sweep` shares them.
 """
@@ -14,6 +17,7 @@ code in :mod:`gradwise.experiments.sweep` shares them.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +25,6 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from gradwise.experiments.space import Space
 from gradwise.store.files import atomic_write_text
 
 if TYPE_CHECKING:
@@ -32,7 +35,7 @@ def _write_results(study: optuna.Study, plan: _Plan, recipe: Path, status: str) 
     """trials.json/.md, trials.png, best.yaml (when a trial completed) and sweep.json."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     retried_as = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
-    rows = [_row(t, plan.space, retried_as) for t in trials]
+    rows = [_row(t, plan, retried_as) for t in trials]
     atomic_write_text(plan.sweep_dir / "trials.json", json.dumps(rows, indent=2) + "\n")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
@@ -57,13 +60,15 @@ def _write_results(study: optuna.Study, plan: _Plan, recipe: Path, status: str) 
         "trials": plan.trials,
         "finished": finished,
         "counts": counts,
-        "best": None if best is None else {"trial": best.number, "value": best.value, "run_dir": _run_name(best)},
+        "best": None
+        if best is None
+        else {"trial": best.number, "value": best.value, "run_dir": _run_dir(best, plan.sweep_dir)},
     }
     atomic_write_text(plan.sweep_dir / "sweep.json", json.dumps(meta, indent=2) + "\n")
     _plot(rows, plan, study.direction.name.lower(), plan.sweep_dir / "trials.png")
 
 
-def _row(trial: FrozenTrial, searched: Space, retried_as: dict[int, int]) -> dict[str, Any]:
+def _row(trial: FrozenTrial, plan: _Plan, retried_as: dict[int, int]) -> dict[str, Any]:
     outcome = _outcome(trial)
     attrs, result = trial.user_attrs, trial.user_attrs.get("result", {})
     note = result.get("stop_reason") if outcome in ("completed", "pruned") else result.get("error", "")
@@ -77,18 +82,25 @@ def _row(trial: FrozenTrial, searched: Space, retried_as: dict[int, int]) -> dic
         "trial": trial.number,
         "state": trial.state.name,
         "outcome": outcome,
-        "params": searched.decoded(trial.params),
+        "params": plan.space.decoded(trial.params),
         "value": result.get("best_value") if outcome in ("completed", "pruned") else None,
         "best_step": result.get("best_step"),
         "steps": result.get("steps"),
         "wall_time_s": result.get("wall_time_s"),
-        "run_dir": None if trial.state == TrialState.WAITING else _run_name(trial),
+        "run_dir": None if trial.state == TrialState.WAITING else _run_dir(trial, plan.sweep_dir),
         "note": note or "",
     }
 
 
-def _run_name(trial: FrozenTrial) -> str:
-    return f"trial-{trial.number:04d}"
+def _run_dir(trial: FrozenTrial, sweep_dir: Path) -> str:
+    """``trial-NNNN`` when the trial ran in ``sweep_dir``, else where it ran: ``[host:]/its/sweep/trial-NNNN``."""
+    name = f"trial-{trial.number:04d}"
+    worker = trial.user_attrs.get("worker", {})
+    where = worker.get("dir") if isinstance(worker, dict) else None
+    if not where or Path(where) == sweep_dir.resolve():
+        return name
+    host = worker.get("host")
+    return f"{host}:{where}/{name}" if host and host != socket.gethostname() else f"{where}/{name}"
 
 
 def _counts_text(counts: dict[str, int]) -> str:
