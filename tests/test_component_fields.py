@@ -25,6 +25,8 @@ NOT_NUMERIC = {
     "init_from": "weights from another run: tests/finetune/test_transfer.py",
     "compile": "torch.compile, same numbers: tests/train/test_compile.py",
     "gradient_checkpointing": "recomputes activations, same numbers (memory only): tests/models/test_gpt.py",
+    "chunked_loss": "the loss from hidden states chunk by chunk, same numbers (memory only): "
+    "tests/llm/test_chunked_loss_runs.py",
     "path": "the pretrained directory: tests/models/test_hf_encoder.py",
     "extra": "forwarded keyword arguments, checked against the class signature: tests/optim/test_optimizers.py",
     "sparse": "which optimizer takes sparse-gradient embeddings: tests/train/test_recsys_runs.py",

@@ -10,6 +10,10 @@ The forward takes the three token layouts gradwise's LM data make: padded rows `
 (``{"input_ids", "position_ids"}``, several examples per row, position ids restarting at each
 one; attention stays inside each example), and pairs ``(B, 2, L)`` for preference tuning
 (run as ``2B`` rows).
+
+With ``chunked_loss`` a training forward on token rows returns
+:class:`~gradwise.models.lazy_logits.LazyLogits` (the decoder's hidden states and the head) and
+the language-modeling loss is computed chunk by chunk, never holding the logits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ from gradwise.data.readers import first_line
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models.hf_encoder import enable_checkpointing, layer_list, quiet_transformers
+from gradwise.models.lazy_logits import ChunkedLoss, LazyLogits, chunking_applies, lazy_logits, use_chunked_loss
+
+# Architectures whose causal-LM forward is ``lm_head(decoder(...).last_hidden_state)`` and nothing more, so
+# the chunked loss may stop before the head. Others scale or cap their logits (Gemma 2's soft-capping,
+# Cohere's logit_scale, Granite's logits_scaling) and keep full logits.
+PLAIN_HEAD_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"})
 
 
 class HFCausalLMConfig(ModelSection):
@@ -37,7 +47,11 @@ class HFCausalLMConfig(ModelSection):
     trainable LoRA adapters stay fp32); ``attention`` picks the implementation (``auto``: flash
     attention 2 on CUDA where the flash-attn package is installed, else PyTorch's SDPA);
     ``load_in_4bit`` loads the frozen base in 4-bit NF4 through bitsandbytes for QLoRA
-    (needs ``finetune.lora`` and a CUDA GPU).
+    (needs ``finetune.lora`` and a CUDA GPU). ``chunked_loss`` computes the language-modeling loss
+    from the hidden states a chunk of tokens at a time, never holding the ``(tokens, vocab)`` logits:
+    ``auto`` (the default) from a vocabulary of 8192 tokens, or ``on``/``off``; only for the
+    architectures in ``PLAIN_HEAD_TYPES``. Preference pairs, FSDP and an adapter on the head keep
+    full logits.
     """
 
     name: Literal["hf_causal_lm"] = "hf_causal_lm"
@@ -46,6 +60,7 @@ class HFCausalLMConfig(ModelSection):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
+    chunked_loss: ChunkedLoss = "auto"
 
     takes: ClassVar[tuple[str, ...]] = ("tokens", "packed_tokens", "token_pairs")
     body: ClassVar[bool] = True
@@ -62,15 +77,19 @@ class HFCausalLM(nn.Module):
         attention: The attention implementation it was loaded with; flash attention reads packed
             rows from ``position_ids`` alone (its variable-length path), the others get a
             block-diagonal causal mask.
+        chunked_loss: Return :class:`LazyLogits` from training forwards on token rows (see
+            :func:`~gradwise.models.lazy_logits.chunking_applies`).
 
     References:
-        Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama); Dao 2023, "FlashAttention-2".
+        Radford et al. 2019 (GPT-2); Touvron et al. 2023 (Llama); Dao 2023, "FlashAttention-2";
+        Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models" (chunked loss).
     """
 
-    def __init__(self, body: nn.Module, attention: str) -> None:
+    def __init__(self, body: nn.Module, attention: str, chunked_loss: bool = False) -> None:
         super().__init__()
         self.body = body
         self.attention = attention
+        self.chunked_loss = chunked_loss
         # Tied weights (lm_head = embed_tokens) are saved once (safetensors refuses shared tensors) and tied on load.
         self.register_state_dict_post_hook(_drop_tied_copies)
         self.register_load_state_dict_pre_hook(_restore_tied_copies)
@@ -92,8 +111,11 @@ class HFCausalLM(nn.Module):
         """The library model's config (``model_type``, ``vocab_size``, …)."""
         return self.body.config
 
-    def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
-        """Logits ``(*lead, L, V)`` for token ids ``(*lead, L)`` or packed ``{"input_ids", "position_ids"}``."""
+    def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor | LazyLogits:
+        """Logits ``(*lead, L, V)`` for token ids ``(*lead, L)`` or packed ``{"input_ids", "position_ids"}``.
+
+        Lazy (:class:`LazyLogits`) when chunked, training, and the rows are ``(B, L)`` (not pairs).
+        """
         if isinstance(inputs, Mapping):
             ids, positions = inputs["input_ids"], inputs.get("position_ids")
         else:
@@ -110,8 +132,25 @@ class HFCausalLM(nn.Module):
             kwargs["position_ids"] = positions
             if self.attention != "flash_attention_2":
                 kwargs["attention_mask"] = packed_attention_bias(positions, self._compute_dtype())
+        decoder = self._decoder() if self.chunked_loss and len(lead) == 1 else None
+        if decoder is not None:
+            hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+            return lazy_logits(hidden, self.head)
         logits = self.body(input_ids=ids.reshape(-1, length), use_cache=False, **kwargs).logits
         return logits.reshape(*lead, length, logits.shape[-1])
+
+    def _decoder(self) -> nn.Module | None:
+        """The library model's decoder (below the head) when this forward may return lazy logits, else None."""
+        if not chunking_applies(self, self.head):
+            return None
+        model = self.body
+        if hasattr(model, "get_base_model"):  # PEFT: LoRA layers sit inside the library model it wraps
+            config = getattr(model, "active_peft_config", None)
+            if config is None or config.is_prompt_learning:  # prompt tuning adds virtual tokens in its forward
+                return None
+            model = model.get_base_model()
+        decoder = getattr(model, "base_model", model)  # PreTrainedModel: the module under base_model_prefix
+        return None if decoder is model else decoder
 
     def _compute_dtype(self) -> torch.dtype:
         dtype = self.body.get_input_embeddings().weight.dtype
@@ -245,7 +284,28 @@ def build_hf_causal_lm(cfg: HFCausalLMConfig, info: DataInfo) -> HFCausalLM:
         body = prepare_model_for_kbit_training(body, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         enable_checkpointing(body, directory)
-    return HFCausalLM(body, attention).train()
+    return HFCausalLM(body, attention, _chunked(cfg, info, body)).train()
+
+
+def _chunked(cfg: HFCausalLMConfig, info: DataInfo, body: nn.Module) -> bool:
+    """What ``model.chunked_loss`` means for ``body`` on ``info``'s data.
+
+    Raises:
+        ConfigError: ``on`` for preference pairs or for an architecture that transforms its logits.
+    """
+    model_type = str(getattr(body.config, "model_type", ""))
+    if cfg.chunked_loss == "on" and info.kind != "language_modeling":
+        raise ConfigError(
+            "model.chunked_loss on: preference tuning scores whole sequences from full logits; use auto or off"
+        )
+    if cfg.chunked_loss == "on" and model_type not in PLAIN_HEAD_TYPES:
+        raise ConfigError(
+            f"model.chunked_loss on: {model_type!r} models may scale or cap their logits after the head; "
+            f"chunking supports {', '.join(sorted(PLAIN_HEAD_TYPES))} (use auto or off)"
+        )
+    if info.kind != "language_modeling" or model_type not in PLAIN_HEAD_TYPES:
+        return False
+    return use_chunked_loss(cfg.chunked_loss, int(body.get_output_embeddings().weight.shape[0]))
 
 
 def _attention(cfg: HFCausalLMConfig) -> str:

@@ -18,6 +18,7 @@ from gradwise.config.kinds import ModelSection
 from gradwise.config.registry import Component
 from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError
+from gradwise.models.lazy_logits import ChunkedLoss, LazyLogits, chunking_applies, lazy_logits, use_chunked_loss
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 class GPTModel(nn.Module):
     """``GPT2LMHeadModel`` as a plain module: ``forward(input_ids)`` returns logits ``(B, L, V)``.
+
+    With ``chunked_loss`` a training forward returns :class:`~gradwise.models.lazy_logits.LazyLogits`
+    instead (the final hidden states and the head), so the loss never materializes the logits;
+    evaluation, generation and export still get the logits tensor.
 
     There is no attention mask: the training data are packed blocks with no
     padding, and ``<|endoftext|>`` (the pad id) separates documents inside a
@@ -35,14 +40,17 @@ class GPTModel(nn.Module):
 
     Args:
         hf_model: The library model to wrap.
+        chunked_loss: Return :class:`LazyLogits` from training forwards (see :func:`chunking_applies`).
 
     References:
-        Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2).
+        Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
+        Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models" (chunked loss).
     """
 
-    def __init__(self, hf_model: GPT2LMHeadModel) -> None:
+    def __init__(self, hf_model: GPT2LMHeadModel, chunked_loss: bool = False) -> None:
         super().__init__()
         self.hf = hf_model
+        self.chunked_loss = chunked_loss
         self.register_state_dict_post_hook(_drop_tied_weight)
         self.register_load_state_dict_pre_hook(_restore_tied_weight)
 
@@ -56,8 +64,12 @@ class GPTModel(nn.Module):
         """The longest context the position embeddings cover."""
         return int(self.hf.config.n_positions)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Next-token logits ``(B, L, V)`` for int64 token ids ``(B, L)``, ``L ≤ n_positions``."""
+    def forward(self, input_ids: Tensor) -> Tensor | LazyLogits:
+        """Next-token logits ``(B, L, V)`` for int64 token ids ``(B, L)``, ``L ≤ n_positions`` (lazy when chunked)."""
+        if self.chunked_loss and chunking_applies(self, self.hf.lm_head):
+            # GPT2LMHeadModel's forward is transformer → lm_head and nothing else; stop before the head.
+            hidden = self.hf.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+            return lazy_logits(hidden, self.hf.lm_head)
         return self.hf(input_ids=input_ids, use_cache=False).logits
 
     def embeddings(self) -> nn.Module:
@@ -84,7 +96,13 @@ def _restore_tied_weight(module: nn.Module, state_dict: dict[str, Any], prefix: 
 
 
 class GPTConfig(ModelSection):
-    """``gpt``: a decoder-only transformer (GPT-2 blocks) trained from scratch on tokenized text."""
+    """``gpt``: a decoder-only transformer (GPT-2 blocks) trained from scratch on tokenized text.
+
+    ``chunked_loss`` computes the training loss from the hidden states a chunk of tokens at a time,
+    never holding the ``(tokens, vocab)`` logits (same numbers, about half the step's memory at
+    GPT-2's vocabulary): ``auto`` (the default) from a vocabulary of 8192 tokens, or ``on``/``off``.
+    Under FSDP the forward returns full logits whatever the setting.
+    """
 
     name: Literal["gpt"] = "gpt"
     n_layer: PositiveInt = 4
@@ -92,6 +110,7 @@ class GPTConfig(ModelSection):
     n_embd: PositiveInt = 128
     dropout: Fraction = 0.0
     gradient_checkpointing: bool = False
+    chunked_loss: ChunkedLoss = "auto"
 
     takes: ClassVar[tuple[str, ...]] = ("tokens",)
     body: ClassVar[bool] = True
@@ -144,7 +163,7 @@ def build_gpt(cfg: GPTConfig, info: DataInfo) -> GPTModel:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return GPTModel(model)
+    return GPTModel(model, chunked_loss=use_chunked_loss(cfg.chunked_loss, info.vocab_size))
 
 
 COMPONENT = Component(GPTConfig, build_gpt, "decoder-only transformer (GPT-2 blocks) trained from scratch")

@@ -5,6 +5,11 @@ an optimizer step by :meth:`LanguageModelingTask.count`, the step's number of
 target tokens, so accumulated micro-batches give exactly the large-batch
 gradient. Targets equal to ``IGNORE_INDEX`` (torch's default ``-100``) are
 left out of the loss, the count and the metrics.
+
+A model may hand the training loss its final hidden states and output
+projection instead of logits (a :class:`~gradwise.tasks.chunked_loss.ProjectedHidden`,
+``model.chunked_loss``); the loss is then computed chunk by chunk and the
+``(tokens, vocab)`` logits never exist (:mod:`gradwise.tasks.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor
 from gradwise.config import TaskConfig
 from gradwise.data.types import DataInfo, TaskKind
 from gradwise.errors import ConfigError
+from gradwise.tasks.chunked_loss import ProjectedHidden, chunked_cross_entropy_sum
 
 IGNORE_INDEX = -100
 
@@ -42,14 +48,31 @@ class LanguageModelingTask:
         self.vocab_size = vocab_size
         self.label_smoothing = label_smoothing
 
-    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, outputs: Tensor | ProjectedHidden, targets: Tensor) -> Tensor:
         """Mean cross-entropy per target token; ``outputs`` ``(B, L, V)`` logits, ``targets`` ``(B, L)`` ids."""
+        if isinstance(outputs, ProjectedHidden):
+            return self.loss_sum(outputs, targets) / max(1, self.count(targets))
         return F.cross_entropy(
             _flat(outputs), targets.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
         )
 
-    def loss_sum(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """Summed cross-entropy over the target tokens (``loss_sum / count == loss``)."""
+    def loss_sum(self, outputs: Tensor | ProjectedHidden, targets: Tensor) -> Tensor:
+        """Summed cross-entropy over the target tokens (``loss_sum / count == loss``).
+
+        ``outputs`` is ``(B, L, V)`` logits, or hidden states with their head (chunked, same value).
+        """
+        if isinstance(outputs, ProjectedHidden):
+            hidden = outputs.hidden
+            return chunked_cross_entropy_sum(
+                hidden.reshape(-1, hidden.shape[-1]),
+                outputs.head_weight,
+                outputs.head_bias,
+                targets.reshape(-1).long(),
+                ignore_index=IGNORE_INDEX,
+                label_smoothing=self.label_smoothing,
+                compute_dtype=outputs.compute_dtype,
+                loss_dtype=outputs.dtype,
+            )
         return F.cross_entropy(
             _flat(outputs),
             targets.reshape(-1),
@@ -78,8 +101,10 @@ class LanguageModelingMeter:
         self._stats = torch.zeros(3, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, outputs: Tensor, targets: Tensor) -> None:
+    def update(self, outputs: Tensor | ProjectedHidden, targets: Tensor) -> None:
         """Add a batch of logits ``(B, L, V)`` and next-token ids ``(B, L)``."""
+        if isinstance(outputs, ProjectedHidden):  # models return real logits in eval mode; this is a fallback
+            outputs = outputs.materialize()
         logits = _flat(outputs.detach())
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
