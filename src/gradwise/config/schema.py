@@ -130,7 +130,11 @@ class FinetuneConfig(Section):
     lr·decay^(L−l+1) and the embeddings lr·decay^(L+1), the head lr
     (Clark et al. 2020, ELECTRA); ``lora`` trains low-rank adapters only;
     ``neftune_alpha`` adds uniform noise to embeddings while training (Jain et
-    al. 2023, NEFTune).
+    al. 2023, NEFTune). Under ``head_only`` the frozen body runs as at
+    inference (eval mode: no dropout), so its features are the same every
+    epoch; with ``cache_features`` (the default) a model that can split its
+    forward (``features`` / ``head_forward``) computes them once per split and
+    the head trains on the cache.
     """
 
     head_only: bool = False
@@ -141,6 +145,7 @@ class FinetuneConfig(Section):
     layer_lr_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     lora: LoraConfig | None = None
     neftune_alpha: NonNegFloat = 0.0
+    cache_features: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:

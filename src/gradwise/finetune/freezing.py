@@ -181,3 +181,26 @@ def _examples(named: dict[str, nn.Parameter]) -> str:
     keys = list(named)
     picks = [*keys[:2], *keys[len(keys) // 2 : len(keys) // 2 + 1], *keys[-1:]]
     return ", ".join(dict.fromkeys(picks))
+
+
+def run_frozen_parts_as_at_inference(model: nn.Module) -> list[str]:
+    """Keep every child of ``model`` whose parameters are all frozen in eval mode, whatever ``train()`` says.
+
+    A linear probe reads the features of a frozen body; with the body in training mode its dropout
+    would make them noisy and different every epoch (and BatchNorm would move its running statistics).
+    A forward pre-hook puts such a child in eval mode before each of its forwards, because the loop
+    calls ``model.train()`` after every evaluation. Children without parameters (the dropout before
+    the head) keep following ``train()``. Returns the names of the children kept in eval mode.
+    """
+    kept = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.register_forward_pre_hook(_to_eval)
+            kept.append(name)
+    return kept
+
+
+def _to_eval(module: nn.Module, args: object) -> None:
+    if module.training:
+        module.eval()

@@ -82,6 +82,10 @@ def prepare_model(cfg: RunConfig, model: nn.Module) -> Prepared:
         from gradwise.finetune.freezing import apply_freezing
 
         apply_freezing(model, ft)
+        if ft.head_only:
+            from gradwise.finetune.freezing import run_frozen_parts_as_at_inference
+
+            run_frozen_parts_as_at_inference(model)
     if ft.unfreeze_every_epochs:
         unfreezer = GradualUnfreezer(model, ft.unfreeze_every_epochs)
         unfreezer.unfreeze_all()  # the optimizer is built over every stage; the hook then applies epoch 0

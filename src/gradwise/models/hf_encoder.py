@@ -125,15 +125,21 @@ class HFEncoderClassifier(nn.Module):
         self.head = nn.Linear(int(body.config.hidden_size), n_outputs)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head_forward(self.features(input_ids))
+
+    def features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The pooled sentence vectors ``(B, hidden)`` under the head: what a frozen body's cache holds."""
         mask = input_ids != self.pad_token_id
         hidden = self.body(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            # clamp: an all-pad row (never produced by the tokenizer) must not divide by zero
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        # clamp: an all-pad row (never produced by the tokenizer) must not divide by zero
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def head_forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Dropout and the head over :meth:`features`' vectors."""
+        return self.head(self.dropout(features))
 
     def embeddings(self) -> nn.Module:
         """The token (word) embedding module; position/type embeddings live beside it in ``embedding_block()``."""

@@ -188,7 +188,7 @@ def _fit(
         if ctx.is_main or sharded
         else _Silent()
     )
-    net = wrap_for_ranks(parts.model, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
+    net = wrap_for_ranks(parts.net, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
     steps = StepFunctions(net, _loss_function(parts, net), parts.optimizer, compile_step=cfg.model.compile == "step")
     keeper.saved_step = counters.step if resume else -1
     name = cfg.name or run_dir.name
@@ -198,7 +198,7 @@ def _fit(
         stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
     started = time.perf_counter() - counters.elapsed_s
 
-    parts.model.train()  # evaluation restores the mode it found
+    parts.net.train()  # evaluation restores the mode it found
     ledger = LossLedger(ctx, log.write, reporter.step)
     settled_at = time.perf_counter()
     loss: float | None = None  # the last settled loss
@@ -484,7 +484,7 @@ def _write_samples(parts: RunParts, step: int, samples: MetricsLog) -> None:
 def _evaluate_split(parts: RunParts, split: str, ctx: distributed.Distributed) -> Evaluation:
     data = getattr(parts.data, split)
     cfg = parts.cfg
-    return evaluate(parts.model, parts.task, data, split, cfg.eval.batch_size, parts.device, cfg.precision, ctx=ctx)
+    return evaluate(parts.net, parts.task, data, split, cfg.eval.batch_size, parts.device, cfg.precision, ctx=ctx)
 
 
 def _training_state(parts: RunParts, counters: Counters, *, sharded: bool) -> dict[str, Any]:
@@ -623,6 +623,8 @@ def _finish(
         "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name,
     }
+    if parts.forward_module is not None:  # the head trained on features computed once (train.feature_cache)
+        summary["features_cached"] = True
     if info.kind == "language_modeling":
         summary["target_tokens"] = counters.loss_terms
         summary["target_tokens_per_s"] = round(counters.loss_terms / max(counters.elapsed_s, 1e-9), 1)

@@ -23,6 +23,7 @@ from gradwise.tasks import Task, build_task
 from gradwise.train.adapt import adapt_structure, model_dir, prepare_for_training
 from gradwise.train.batching import BatchPlan, EpochSampler
 from gradwise.train.device import autocast, parameter_dtype, resolve_device, to_device
+from gradwise.train.feature_cache import HeadOverFeatures, cache_features, why_not_cached
 from gradwise.train.hooks import Hook
 from gradwise.train.rng import seed_everything
 from gradwise.train.stopping import EarlyStopping
@@ -58,6 +59,14 @@ class RunParts:
     hooks: list[Hook] = field(default_factory=list)  # strategies acting inside the step (unfreezing, pruning, …)
     # A model's own penalty on what a batch uses, summed over its rows (``model.batch_penalty_sum(inputs)``).
     batch_penalty: Callable[[Any], torch.Tensor | None] | None = None
+    # What training and evaluation run forward when it is not the model itself: the head over cached features
+    # (``data`` then holds the features). Checkpoints are always the model's.
+    forward_module: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """The module the loop's forward passes go through."""
+        return self.forward_module if self.forward_module is not None else self.model
 
     def stateful(self) -> list[Any]:
         """The hooks, gradient transforms and task whose state a checkpoint keeps by ``state_key``."""
@@ -150,6 +159,11 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
 
         model = fully_shard_model(model, cfg.distributed, device)
     optimizer = build_optimizer(model, adaptation.optim, cfg.regularize.weight_decay)
+    lengths = data.train.lengths  # of the tokens: length buckets draw the same batches with cached features
+    forward_module = None
+    if why_not_cached(cfg, model, adaptation.hooks, fully_shard=fully_shard) is None:
+        data = cache_features(model, data, cfg, device)
+        forward_module = HeadOverFeatures(model)
     n_train = len(data.train.y)
     plan = BatchPlan(cfg.batch, n_train)
     total_steps = plan.total_steps(cfg.stop.epochs, cfg.stop.max_steps)
@@ -174,7 +188,7 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
         sampler=EpochSampler(
             n_train,
             seed=cfg.seed + SAMPLER_SEED_OFFSET,
-            lengths=data.train.lengths,
+            lengths=lengths,
             bucket=LENGTH_BUCKET_BATCHES * plan.reference if getattr(cfg.data, "bucket_by_length", False) else None,
         ),
         gradients=gradient_chain(reg.l1, reg.l2, reg.clip_grad_norm, noise),
@@ -183,6 +197,7 @@ def build_run(cfg: RunConfig, *, fully_shard: bool = False) -> RunParts:
         total_steps=total_steps,
         hooks=hooks,
         batch_penalty=getattr(model, "batch_penalty_sum", None),
+        forward_module=forward_module,
     )
 
 
