@@ -2,8 +2,8 @@
 # The GPU checks in one command, for a CUDA machine; about 8 minutes once the venv exists:
 #
 #   1. the CUDA-relevant tests: `pytest -m cuda` if that marker exists, else the test files that
-#      mention cuda, and the bf16 tests                                                      (<= 90 s)
-#   2. GPT-2-size training (124M parameters, 1024 tokens, bf16, torch.compile): gradwise vs a plain
+#      mention cuda, the compiled-step tests and the bf16 tests                            (<= 130 s)
+#   2. GPT-2-size training (124M parameters, 1024 tokens, bf16, model.compile=step): gradwise vs a plain
 #      compiled PyTorch loop of the same model, tokens/s, peak memory, MFU vs a measured matmul peak
 #      (benchmarks/gpt_mfu.py)                                                                 (<= 120 s)
 #   3. the same GPT under FSDP2 (gradwise train --nproc N distributed.strategy=fsdp), only with more
@@ -66,9 +66,11 @@ if $PY -m pytest --markers 2>/dev/null | grep -q '^@pytest.mark.cuda'; then
     stage tests-cuda 90 $PY -m pytest -q -p no:cacheprovider $XDIST -m cuda
 else
     CUDA_FILES=$(grep -rlE --include='test_*.py' 'cuda' tests | sort | tr '\n' ' ')
+    # device=auto picks the GPU: the compiled step (inductor's CUDA kernels) and its bit-exact resume.
+    CUDA_FILES="$CUDA_FILES tests/train/test_compile.py"
     BF16_FILES=$(grep -rlE --include='test_*.py' 'def test_[a-z0-9_]*bf16' tests | sort | tr '\n' ' ')
     # shellcheck disable=SC2086 # word splitting of the file lists is intended
-    stage tests-cuda 60 $PY -m pytest -q -p no:cacheprovider $XDIST $CUDA_FILES
+    stage tests-cuda 100 $PY -m pytest -q -p no:cacheprovider $XDIST $CUDA_FILES
     # shellcheck disable=SC2086
     stage tests-bf16 30 $PY -m pytest -q -p no:cacheprovider $BF16_FILES -k bf16
 fi
