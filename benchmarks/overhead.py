@@ -125,10 +125,10 @@ def step_overhead(cfg, blocks: int = 3, steps: int = 1000) -> tuple[float, float
         optimizer.step()
 
     single = Distributed()  # one process: the model itself does the forward
-    steps = StepFunctions(model, _loss_function(parts, model), optimizer, compile_step=False)
+    step_functions = StepFunctions(model, _loss_function(parts, model), optimizer, compile_step=False)
 
     def ours(step: int) -> None:
-        _train_step(parts, step, steps, single)
+        _train_step(parts, step, step_functions, single)
 
     timings: dict[str, list[float]] = {"plain": [], "ours": []}
     for _ in range(blocks):
