@@ -5,6 +5,16 @@ stop and resume anywhere inside an epoch; :class:`BatchPlan` says how many
 examples the next optimizer step takes (fixed, full batch, or a batch-size
 schedule), how they split into accumulation micro-batches, and how the LR
 scales when the batch size changes.
+
+BatchNorm cannot train on a micro-batch of 1 (its variance is undefined). When a
+model has it, the plan asks every step to take at least ``2 · accumulate · world``
+examples (:meth:`BatchPlan.require_micro_batches_of`), so every micro-batch on every
+rank holds two or more. A full step always does (the setup refuses a smaller
+``batch.size``); an epoch's last, short step may not, and then the step before it
+leaves it the missing examples (:func:`step_end`). That is a pure function of the
+cursor, so resuming stays bit-exact, and, unlike DataLoader's ``drop_last``, no
+example is dropped and the number of steps per epoch (which the LR schedule and
+the stopping step were sized by) does not change.
 """
 
 from __future__ import annotations
@@ -19,7 +29,35 @@ import torch
 from gradwise.config import BatchConfig
 from gradwise.data.batches import gather
 
-__all__ = ["BatchPlan", "EpochSampler", "gather"]
+__all__ = ["BatchPlan", "EpochSampler", "StepSize", "gather", "step_end"]
+
+
+class StepSize(int):
+    """A step's planned example count that also carries the fewest examples any step may take.
+
+    The loop hands ``plan.size(...)`` to ``sampler.take`` unchanged, so the plan's rule reaches the sampler
+    with the size (``take`` also takes ``min_take`` directly); as an ``int`` it scales the LR as before.
+    """
+
+    min_take: int
+
+    def __new__(cls, value: int, min_take: int) -> StepSize:
+        size = super().__new__(cls, value)
+        size.min_take = min_take
+        return size
+
+
+def step_end(cursor: int, size: int, n: int, min_take: int = 1) -> int:
+    """Where a step that starts at ``cursor`` ends: ``size`` examples on, or the epoch's end.
+
+    If that would leave fewer than ``min_take`` examples for the epoch's last step, this step
+    ends early enough to leave exactly ``min_take`` (when it can still take ``min_take`` itself).
+    """
+    end = min(cursor + size, n)
+    rest = n - end
+    if 0 < rest < min_take and end - (min_take - rest) - cursor >= min_take:
+        end -= min_take - rest
+    return end
 
 
 class EpochSampler:
@@ -65,10 +103,15 @@ class EpochSampler:
             chunks.append(chunk[order])
         return torch.cat(chunks)
 
-    def take(self, size: int) -> tuple[torch.Tensor, bool]:
-        """The next ``size`` indices (fewer at the end of an epoch) and whether the epoch ended."""
+    def take(self, size: int, min_take: int | None = None) -> tuple[torch.Tensor, bool]:
+        """The next ``size`` indices (fewer at the end of an epoch) and whether the epoch ended.
+
+        ``min_take`` (default: the size's own, see :class:`StepSize`, else 1) is the fewest a step may
+        take: the step before an epoch's last one leaves that many for it (:func:`step_end`).
+        """
         perm = self._permutation()
-        end = min(self.cursor + size, self.n)
+        floor = min_take if min_take is not None else getattr(size, "min_take", 1)
+        end = step_end(self.cursor, size, self.n, floor)
         indices = perm[self.cursor : end]
         self.cursor = end
         epoch_ended = self.cursor >= self.n
@@ -108,9 +151,22 @@ class BatchPlan:
         self.n_train = n_train
         self.reference = n_train if cfg.size == "full" else min(cfg.size, n_train)
         self._epoch_table = sorted((cfg.at_epochs or {}).items())
+        self.min_take = 1  # the fewest examples a step may take (see require_micro_batches_of)
+
+    def require_micro_batches_of(self, minimum: int, world: int = 1) -> None:
+        """Make every micro-batch on every one of ``world`` ranks hold at least ``minimum`` examples.
+
+        Each step then takes at least ``minimum · accumulate · world`` examples: every rank's stride holds
+        ``minimum · accumulate`` or more and splits into ``accumulate`` micro-batches of ``minimum`` or more.
+        """
+        self.min_take = minimum * self.cfg.accumulate * world
 
     def size(self, step: int, epoch: int) -> int:
         """Examples in optimizer step ``step`` (0-based) during epoch ``epoch``."""
+        planned = self._scheduled(step, epoch)
+        return StepSize(planned, self.min_take) if self.min_take > 1 else planned
+
+    def _scheduled(self, step: int, epoch: int) -> int:
         cfg = self.cfg
         if cfg.size == "full":
             return self.n_train
@@ -158,13 +214,35 @@ class BatchPlan:
         # A batch-size schedule changes steps per epoch; count them the way the loop takes them.
         return sum(1 for _ in self._walk(max_steps, epochs))
 
+    def smallest_step(self, total_steps: int) -> int:
+        """The fewest examples any step of the run will take, as the sampler cuts them."""
+        return min(self._walk(total_steps))
+
+    def lent_to_last_steps(self, total_steps: int) -> set[tuple[int, int]]:
+        """``(short, lent)`` per kind of epoch end where the last step, ``short`` examples, is lent ``lent`` more
+        by the step before it (see :func:`step_end`); empty when every step already takes ``min_take``."""
+        lent = set()
+        step = epoch = cursor = 0
+        while step < total_steps:
+            planned = self.size(step, epoch)
+            uncut = min(cursor + planned, self.n_train)
+            end = step_end(cursor, planned, self.n_train, self.min_take)
+            if end < uncut:
+                lent.add((self.n_train - uncut, uncut - end))
+            if self.cfg.ramp is None and not self._epoch_table and (end < uncut or uncut == self.n_train):
+                break  # a fixed size cuts every epoch alike: the first epoch end says it all
+            cursor, step = end, step + 1
+            if cursor >= self.n_train:
+                epoch, cursor = epoch + 1, 0
+        return lent
+
     def _walk(self, max_steps: int | None, epochs: int | None = None) -> Iterator[int]:
         """The batch sizes the loop will take, step by step, as the sampler cuts them."""
         step = epoch = cursor = 0
         while (epochs is None or epoch < epochs) and (max_steps is None or step < max_steps):
-            taken = min(self.size(step, epoch), self.n_train - cursor)
-            yield taken
-            cursor += taken
+            end = step_end(cursor, self.size(step, epoch), self.n_train, self.min_take)
+            yield end - cursor
+            cursor = end
             step += 1
             if cursor >= self.n_train:
                 epoch, cursor = epoch + 1, 0
