@@ -1,63 +1,28 @@
 """The largest batch that fits in memory, its throughput, and a batch plan that keeps the recipe's global batch.
 
-Each probe is a few optimizer steps of the recipe at batch ``b`` through the one
-loop, run in a child process (``python -m gradwise.experiments.batch_find``,
-config in, JSON out) so that running out of memory ends only that probe. On
-CPU the child caps its own memory with ``RLIMIT_DATA``: the limit is the
-child's data size after importing torch plus ``memory_limit_mb``, and an
-allocation past it fails inside torch's allocator like a real out-of-memory.
-On CUDA ``torch.cuda.OutOfMemoryError`` is the signal, with
-``torch.cuda.set_per_process_memory_fraction`` as the optional limit. The search
-doubles the batch until a probe fails, then bisects between the last fit and the
-first failure.
+Each probe is a few optimizer steps of the recipe at batch ``b`` through the one loop; where the probes run
+(in this process on CUDA, in one long-lived memory-capped child on CPU) and why is in
+:mod:`gradwise.experiments.batch_probe`. The search doubles the batch until a probe fails, then bisects
+between the last fit and the first failure.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import resource
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from gradwise.config import RunConfig, apply_overrides, read_yaml, set_path, validate
+from gradwise.errors import ConfigError
+from gradwise.experiments.batch_probe import OUT_OF_MEMORY, BatchProbe, ChildRunner, InProcessRunner
 
-from gradwise import errors
-from gradwise.config import RunConfig, apply_overrides, read_yaml, set_path, to_yaml, validate
-from gradwise.errors import ConfigError, GradwiseError, TrainingError
+__all__ = ["OUT_OF_MEMORY", "BatchFindResult", "BatchProbe", "batch_find", "search_batch", "suggest_plan"]
 
 # Bisection stops once the gap between fit and failure is at most this fraction of the fitting batch.
 RESOLUTION = 1 / 16
-OUT_OF_MEMORY = "out of memory"
-# RLIMIT_DATA, not RLIMIT_AS: importing torch maps ~1 GB of libraries and every thread reserves malloc arenas
-# (address space, not memory); since Linux 4.7 RLIMIT_DATA counts private writable mappings, i.e. what
-# tensors really take. Measured here: with +200 MB, RLIMIT_AS failed a 150 MB tensor, RLIMIT_DATA did not.
-_LIMIT = resource.RLIMIT_DATA
-_OOM_TEXT = ("can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory")
-
-
-@dataclass(frozen=True)
-class BatchProbe:
-    """One probe: ``batch`` examples per step, and its throughput or why it failed.
-
-    ``whole_set`` marks a probe whose batch was cut to the whole training set (the
-    size asked for was larger); ``batch`` is then the training set's size.
-    """
-
-    batch: int
-    examples_per_s: float | None = None
-    error: str | None = None
-    whole_set: bool = False
-
-    @property
-    def fits(self) -> bool:
-        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -73,6 +38,7 @@ class BatchFindResult:
         suggested_batch: The suggested ``batch.size``: the recipe's global batch, kept.
         suggested_accumulate: The suggested ``batch.accumulate``: micro-batches of at most ``largest``.
         data_limited: The whole training set fitted in one batch (the search could go no higher).
+        free_mb: Free device memory when the search started, where the device reports it (CUDA).
     """
 
     device: str
@@ -83,6 +49,7 @@ class BatchFindResult:
     suggested_batch: int | None
     suggested_accumulate: int | None
     data_limited: bool = False
+    free_mb: int | None = None
 
     def overrides(self) -> list[str]:
         """The suggestion as ``key=value`` overrides (empty when nothing fitted)."""
@@ -92,10 +59,13 @@ class BatchFindResult:
 
     def __str__(self) -> str:
         limit = f", limit {self.memory_limit_mb} MB beyond the libraries" if self.memory_limit_mb else ""
-        lines = [f"batch-size search on {self.device}{limit}:", "    batch  examples/s"]
+        free = f", {self.free_mb} MB free at the start" if self.free_mb is not None else ""
+        peaks = any(p.peak_mb is not None for p in self.probes)
+        lines = [f"batch-size search on {self.device}{limit}{free}:", "    batch  examples/s" + ("  peak MB" * peaks)]
         for probe in sorted(self.probes, key=lambda p: p.batch):
-            shown = f"{probe.examples_per_s:.1f}" if probe.examples_per_s is not None else probe.error
-            lines.append(f"  {probe.batch:>7}  {shown}")
+            shown = f"{probe.examples_per_s:>10.1f}" if probe.examples_per_s is not None else probe.error
+            peak = f"  {probe.peak_mb:>7.0f}" if probe.peak_mb is not None else ""
+            lines.append(f"  {probe.batch:>7}  {shown}{peak}")
         if self.largest is None:
             lines.append("no batch fits, not even 1 example; lower memory use or raise the limit")
             return "\n".join(lines)
@@ -144,19 +114,20 @@ def batch_find(
     raw = apply_overrides(read_yaml(recipe), overrides or [])
     raw.pop("variants", None)
     cfg = validate(raw, source=str(recipe))
-    from gradwise.train.device import resolve_device
-
-    device = resolve_device(cfg.device)
-    limit = memory_limit_mb if memory_limit_mb is not None or device.type != "cpu" else _available_mb()
     global_batch = cfg.batch.size if isinstance(cfg.batch.size, int) else _train_size(cfg)
 
     with tempfile.TemporaryDirectory(prefix="gradwise-batch-find-") as tmp:
+        runner, device, limit = _runner(cfg.device, memory_limit_mb, Path(tmp))
+        free_mb = _cuda_free_mb(device) if device.type == "cuda" else None
+        try:
 
-        def probe(batch: int) -> BatchProbe:
-            probe_cfg = probe_config(raw, batch, steps, Path(tmp) / f"batch-{batch}", source=str(recipe))
-            return run_probe(probe_cfg, Path(tmp) / f"batch-{batch}", limit)
+            def probe(batch: int) -> BatchProbe:
+                run_dir = Path(tmp) / f"batch-{batch}"
+                return runner(probe_config(raw, batch, steps, run_dir, source=str(recipe)), run_dir)
 
-        probes = search_batch(probe, start, max_batch)
+            probes = search_batch(probe, start, max_batch)
+        finally:
+            runner.close()
 
     fitting = [p.batch for p in probes if p.fits]
     largest = max(fitting) if fitting else None
@@ -171,7 +142,38 @@ def batch_find(
         suggested_batch=size,
         suggested_accumulate=accumulate,
         data_limited=data_limited,
+        free_mb=free_mb,
     )
+
+
+def _runner(
+    wanted: str, memory_limit_mb: int | None, tmp: Path
+) -> tuple[InProcessRunner | ChildRunner, Any, int | None]:
+    """The probe runner, the device and the memory limit: in this process where an out-of-memory is an
+    exception the process survives (CUDA), else in a child capped by default at the available memory."""
+    # The CPU child starts before this process imports torch (seconds), so that its own imports overlap them;
+    # a device that turns out not to be the CPU closes it unused.
+    limit = memory_limit_mb if memory_limit_mb is not None else _available_mb()
+    child = ChildRunner(limit, tmp / "probe-stderr.log")
+    if wanted in ("auto", "cpu"):
+        child.start()
+    from gradwise.train.device import resolve_device
+
+    device = resolve_device(wanted)
+    if device.type == "cpu":
+        return child, device, limit
+    child.close()
+    if device.type == "cuda":
+        return InProcessRunner(device, memory_limit_mb), device, memory_limit_mb
+    return ChildRunner(memory_limit_mb, tmp / "probe-stderr.log"), device, memory_limit_mb
+
+
+def _cuda_free_mb(device: Any) -> int:
+    """Free memory on the CUDA device now (after other processes' use), as the device reports it."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free // 2**20)
 
 
 def search_batch(probe: Callable[[int], BatchProbe], start: int, max_batch: int) -> list[BatchProbe]:
@@ -253,47 +255,6 @@ def probe_config(raw: dict[str, Any], batch: int, steps: int, run_dir: Path, *, 
     return validate(probe_raw, source=f"{source} (batch {batch})")
 
 
-def run_probe(cfg: RunConfig, run_dir: Path, limit_mb: int | None) -> BatchProbe:
-    """Run one probe in a child process and read its JSON answer; an out-of-memory ends only the child."""
-    asked = int(cfg.batch.size)  # type: ignore[arg-type]  # probe configs always have an integer size
-    request = {"config": to_yaml(cfg), "run_dir": str(run_dir), "limit_mb": limit_mb}
-    done = subprocess.run(
-        [sys.executable, "-m", "gradwise.experiments.batch_find"],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    answer = _last_json(done.stdout)
-    if answer is None:
-        if done.returncode < 0:
-            name = signal.Signals(-done.returncode).name
-            # SIGKILL is the kernel's OOM killer (or a memory cgroup) ending the child.
-            why = OUT_OF_MEMORY if name == "SIGKILL" else "crashed"
-            return BatchProbe(batch=asked, error=f"{why} (probe killed by {name})")
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return BatchProbe(batch=asked, error=f"probe failed (exit {done.returncode}): {tail[:200]}")
-    if answer["status"] == "ok":
-        took = int(answer["batch"])
-        return BatchProbe(batch=took, examples_per_s=float(answer["examples_per_s"]), whole_set=took < asked)
-    if answer["status"] == "oom":
-        return BatchProbe(batch=asked, error=OUT_OF_MEMORY)
-    kind = getattr(errors, str(answer.get("type")), None)
-    error_class = kind if isinstance(kind, type) and issubclass(kind, GradwiseError) else TrainingError
-    raise error_class(f"batch_find: probe at batch {asked}: {answer['message']}")
-
-
-def _last_json(stdout: str) -> dict[str, Any] | None:
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and "status" in value:
-            return value
-    return None
-
-
 def _available_mb() -> int:
     """MemAvailable from /proc/meminfo (Linux), else 4 GB."""
     try:
@@ -311,77 +272,3 @@ def _train_size(cfg: RunConfig) -> int:
     from gradwise.train.adapt import model_dir
 
     return len(load_dataset(cfg.data, cfg.task.kind, cfg.seed, tokenizer_dir=model_dir(cfg)).train.y)
-
-
-# --------------------------------------------------------------------------- the child process
-
-
-def _data_bytes() -> int:
-    """This process's private writable memory (VmData), what RLIMIT_DATA counts."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmData:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _limit_memory(cfg: RunConfig, limit_mb: int | None) -> None:
-    import torch
-
-    from gradwise.train.device import resolve_device
-
-    device = resolve_device(cfg.device)
-    if limit_mb is None:
-        return
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_mb * 2**20 / total), device)
-        return
-    # Start the intra-op thread pool first: its thread stacks count as data, and they are the libraries'
-    # memory, not the run's (8 MB a thread, which on a 16-core machine would eat a small limit).
-    torch.ones(256, 256) @ torch.ones(256, 256)
-    # Relative to what the imported libraries already hold, so the limit is the run's own memory.
-    limit = _data_bytes() + limit_mb * 2**20
-    _, hard = resource.getrlimit(_LIMIT)
-    resource.setrlimit(_LIMIT, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
-
-
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXT)
-
-
-def _probe_main() -> None:
-    """Child: read {config, run_dir, limit_mb} on stdin, train, print one JSON line on stdout."""
-    request = json.loads(sys.stdin.read())
-    answer_to, sys.stdout = sys.stdout, sys.stderr  # only the answer goes to stdout
-    from gradwise.store.rundir import read_metrics, read_summary
-    from gradwise.train.loop import fit
-
-    cfg = validate(yaml.safe_load(request["config"]), source="batch_find probe")
-    run_dir = Path(request["run_dir"])
-    answer: dict[str, Any]
-    try:
-        _limit_memory(cfg, request["limit_mb"])
-        fit(cfg, run_dir)
-        train, _ = read_metrics(run_dir)
-        answer = {"status": "ok", "batch": max(line["batch_size"] for line in train), "examples_per_s": 0.0}
-        later = train[1:]  # the first step pays for warm-up (allocations, kernel choice)
-        elapsed = later[-1]["time"] - train[0]["time"] if later else 0.0
-        if elapsed > 0:
-            answer["examples_per_s"] = (later[-1]["examples"] - train[0]["examples"]) / elapsed
-        else:
-            answer["examples_per_s"] = float(read_summary(run_dir)["examples_per_s"])
-    except BaseException as exc:  # report every failure as data; the parent decides what it means
-        if _is_oom(exc):
-            answer = {"status": "oom", "message": str(exc).splitlines()[0][:300] if str(exc) else ""}
-        else:
-            answer = {"status": "error", "type": type(exc).__name__, "message": str(exc)[:500]}
-    answer_to.write(json.dumps(answer) + "\n")
-    answer_to.flush()
-
-
-if __name__ == "__main__":
-    _probe_main()
