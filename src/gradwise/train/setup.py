@@ -249,12 +249,28 @@ def _check_plan(cfg: RunConfig, model: nn.Module, plan: BatchPlan, total_steps: 
         )
     batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if batch_norm:
-        smallest = plan.smallest_micro_batch(total_steps)
-        if smallest < 2:
+        # BatchNorm's variance is undefined for one example: every micro-batch on every rank needs two.
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        plan.require_micro_batches_of(2, world)
+        ranks = f" on each of {world} ranks" if world > 1 else ""
+        smallest = plan.smallest_step(total_steps)
+        if smallest < plan.min_take:
+            # A size below the minimum is too small itself; one at it cannot lend an epoch's short last step any.
+            need = plan.min_take if smallest == cfg.batch.size else 2 * plan.min_take - 1
             raise ConfigError(
-                f"model.norm 'batch' needs at least 2 examples per micro-batch, but batch.size={cfg.batch.size} "
-                f"with batch.accumulate={cfg.batch.accumulate} over {plan.n_train} training examples makes one of "
-                f"{smallest}; change batch.size or use model.norm=layer"
+                f"model.norm 'batch' needs at least 2 examples per micro-batch{ranks}, i.e. steps of at least "
+                f"{plan.min_take} examples, but batch.size={cfg.batch.size} with batch.accumulate="
+                f"{cfg.batch.accumulate} over {plan.n_train} training examples makes one of {smallest}; "
+                f"raise batch.size to {need} or more (or lower batch.accumulate), or use model.norm=layer"
+            )
+        for short, lent in sorted(plan.lent_to_last_steps(total_steps)):
+            warnings.warn(
+                f"model.norm 'batch' needs at least 2 examples per micro-batch{ranks}: the last step of an epoch "
+                f"would hold {short} of the {plan.n_train} training examples (batch.size={cfg.batch.size}), so the "
+                f"step before it leaves it {lent} more; no example is dropped and the steps per epoch are unchanged",
+                GradwiseWarning,
+                stacklevel=2,
             )
         if cfg.batch.accumulate > 1:
             warnings.warn(
