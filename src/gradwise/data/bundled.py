@@ -10,12 +10,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
-from sklearn import datasets as sk
 
 from gradwise.data.files import available
 from gradwise.data.sources import LinearData, TabularData
@@ -25,17 +22,17 @@ from gradwise.errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class _Bundled:
-    loader: Callable[[], Any]
+    loader: str  # the sklearn.datasets function: scikit-learn is imported (~1.7 s) only by a run that reads one
     kind: TaskKind
     target_name: str
     image_shape: tuple[int, int, int] | None = None
 
 
 _SKLEARN: dict[str, _Bundled] = {
-    "digits": _Bundled(sk.load_digits, "classification", "digit", (1, 8, 8)),
-    "wine": _Bundled(sk.load_wine, "classification", "cultivar"),
-    "breast_cancer": _Bundled(sk.load_breast_cancer, "classification", "diagnosis"),
-    "diabetes": _Bundled(sk.load_diabetes, "regression", "disease_progression"),
+    "digits": _Bundled("load_digits", "classification", "digit", (1, 8, 8)),
+    "wine": _Bundled("load_wine", "classification", "cultivar"),
+    "breast_cancer": _Bundled("load_breast_cancer", "classification", "diagnosis"),
+    "diabetes": _Bundled("load_diabetes", "regression", "disease_progression"),
 }
 BUNDLED: tuple[str, ...] = (*_SKLEARN, "linear")
 
@@ -77,7 +74,9 @@ def select_features(raw: RawData, names: list[str]) -> RawData:
 
 def _sklearn(name: str) -> RawData:
     spec = _SKLEARN[name]
-    bunch = spec.loader()
+    from sklearn import datasets
+
+    bunch = getattr(datasets, spec.loader)()
     class_names = [str(c) for c in bunch.target_names] if spec.kind == "classification" else None
     return RawData(
         x=np.asarray(bunch.data, dtype=np.float64),

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from gradwise.errors import DataError
 
@@ -107,6 +106,8 @@ def _take(rows: np.ndarray, k: int, labels: np.ndarray | None, state: int) -> tu
     if k == 0:
         return rows, rows[:0]
     stratify = labels[rows] if labels is not None else None
+    from sklearn.model_selection import train_test_split  # here: importing scikit-learn takes ~1.7 s
+
     rest, drawn = train_test_split(rows, test_size=k, random_state=state, shuffle=True, stratify=stratify)
     return rest, drawn
 

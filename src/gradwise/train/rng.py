@@ -23,8 +23,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; harmless on CPU (see torch's reproducibility notes).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Set both ways: the flag is process-global and must not leak from one run into the next.
-    torch.use_deterministic_algorithms(deterministic)
+    # Set both ways: the flag is process-global and must not leak from one run into the next. Only when it
+    # changes: the first call imports torch._inductor and torch._dynamo (1.5-6 s here) even to set False.
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
 
 
