@@ -156,6 +156,7 @@ def test_concurrent_workers_never_run_more_than_the_trials_asked_for(tmp_path: P
     assert study.user_attrs["gradwise_workers"] == count
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")  # asks outside Study.optimize, as sweeps do
 def test_a_trial_whose_worker_died_before_its_first_beat_is_queued_again_once(postgres_url: str):
     study = optuna.create_study(storage=sweep._storage(postgres_url, 1), study_name="orphan")
     orphan = study.ask()  # its worker died right after: no heartbeat, no worker mark
