@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest batch that fits in memory, examples/s per batch size",
         formatter_class=fmt,
         description="Double the batch size, then binary-search between the last that fit and the first that ran "
-        "out of memory (each probe a few optimizer steps in a process of its own); report examples/s per size and "
+        "out of memory (each probe a few optimizer steps: on CUDA in this process, on CPU in one child process under a "
+        "memory cap, replaced after a probe runs out); report examples/s per size and "
         "suggest a batch and accumulation that keep the recipe's global batch.\n\n"
         "example:\n  gradwise batch-find minilm-topics --memory-limit-mb 4000",
     )
