@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import io
 import json
@@ -97,7 +98,13 @@ def is_oom(exc: BaseException) -> bool:
 
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_TEXT)
+    if isinstance(exc, OSError) and exc.errno == errno.ENOMEM:
+        return True
+    # Under the cap any allocation may be the one that fails: a file write (the run's own error then says
+    # "[Errno 12] Cannot allocate memory: <path>"), or C code that returns NULL without setting an error.
+    if isinstance(exc, SystemError) and "without exception set" in str(exc):
+        return True
+    return isinstance(exc, Exception) and any(text in str(exc).lower() for text in _OOM_TEXT)
 
 
 def probe_error(asked: int, kind: type[BaseException] | None, message: str) -> GradwiseError:
@@ -305,8 +312,11 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
 
 def _child_main(limit_mb: int | None, requests: IO[str], answers: IO[str]) -> None:
     """Child: cap memory once, then one JSON answer line per JSON request line until stdin closes."""
-    # Imported before the cap is measured: the libraries are not the run's memory. torch._inductor is what
-    # torch.use_deterministic_algorithms (called by every run's seeding) imports on first use.
+    # Imported before the cap is measured: the libraries are not the run's memory. torch._inductor (and the
+    # dynamo it brings) is what a torch.optim step and deterministic mode import on first use; scikit-learn
+    # is what the bundled data and the row split import when a run first reads them (~100 MB).
+    import sklearn.datasets
+    import sklearn.model_selection  # noqa: F401
     import torch._inductor  # noqa: F401
 
     import gradwise.store.rundir
