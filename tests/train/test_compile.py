@@ -47,6 +47,8 @@ def test_a_compiled_step_trains_as_the_eager_step_does(tmp_path: Path, optim: di
     eager = fit(config(optim=optim), tmp_path / "eager")
     step = fit(config(optim=optim, model={"compile": "step"}), tmp_path / "step")
     assert step["steps"] == eager["steps"] == 18
+    # torch's momentum SGD compiles its update; the fused AdamW is one kernel already and stays so.
+    assert step["compiled"] == {"loss_and_backward": True, "update": optim["name"] == "momentum"}
     # Inductor fuses and reorders float32 arithmetic: close to the eager run, not bit-equal to it.
     assert losses(tmp_path / "step") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-5)
     for name, value in weights(tmp_path / "eager").items():
@@ -80,8 +82,17 @@ def test_a_step_that_cannot_compile_trains_eagerly_after_one_warning(tmp_path: P
     monkeypatch.setattr(compiled.torch, "compile", broken)
     with pytest.warns(GradwiseWarning, match=r"model\.compile=step: torch\.compile could not compile the loss .*"
                       r"RuntimeError: no C\+\+ compiler\); training eagerly instead"):  # fmt: skip
-        fit(config(model={"compile": "step"}), tmp_path / "fallback")
+        summary = fit(config(model={"compile": "step"}), tmp_path / "fallback")
     assert losses(tmp_path / "fallback") == losses(tmp_path / "eager")
+    assert summary["compiled"] == {"loss_and_backward": False, "update": False}
+
+
+def test_an_optimizer_that_refuses_a_tensor_lr_keeps_its_update_eager(tmp_path: Path):
+    # torch refuses a tensor LR for an explicit foreach=True: the loss compiles, the update stays eager.
+    optim = {"name": "adam", "lr": 3e-3, "extra": {"fused": False, "foreach": True}}
+    summary = fit(config(optim=optim, model={"compile": "step"}), tmp_path / "run")
+    assert summary["compiled"] == {"loss_and_backward": True, "update": False}
+    assert summary["status"] == "completed"
 
 
 def test_compiling_the_forward_alone_keeps_the_eager_numbers_and_names(tmp_path: Path):

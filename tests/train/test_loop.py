@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -206,6 +207,26 @@ def test_one_process_reads_losses_in_windows_and_still_names_the_step_that_went_
     with pytest.raises(TrainingError, match=r"training loss is nan at step 4 "):
         fit(cfg, tmp_path / "nan")
     assert [line["step"] for line in read_lines(tmp_path / "nan", "train")] == [1, 2, 3]
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 4  # not the window's end, where it was read
+
+
+def test_an_error_between_two_settlings_keeps_the_steps_before_it(tmp_path: Path, monkeypatch):
+    from gradwise.train import loop
+
+    monkeypatch.setattr(loop, "SETTLE_EVERY_S", 1e9)
+    real_step = loop._train_step
+
+    def step(parts, index, steps, ctx):
+        if index == 9:
+            raise RuntimeError("the device went away")
+        return real_step(parts, index, steps, ctx)
+
+    monkeypatch.setattr(loop, "_train_step", step)
+    with pytest.raises(RuntimeError, match="the device went away"):
+        fit(config(batch={"size": 8}, stop={"epochs": 1}), tmp_path / "run")
+    lines = read_lines(tmp_path / "run", "train")
+    assert [line["step"] for line in lines] == list(range(1, 10)) and all(math.isfinite(x["loss"]) for x in lines)
 
 
 def test_clipping_logs_the_gradient_norm_of_every_step(tmp_path: Path):

@@ -79,16 +79,28 @@ Trainer = Callable[[RunConfig, Path], Measured]
 
 def train_probe(cfg: RunConfig, run_dir: Path) -> Measured:
     """Run the probe through ``fit`` and read its step size and throughput back from the metrics log."""
+    import time
+
+    import torch
+
     from gradwise.store.rundir import read_metrics, read_summary
     from gradwise.train.loop import fit
 
-    fit(cfg, run_dir)
+    ends: list[float] = []
+
+    def clock() -> bool:  # fit polls this after every step; on CUDA the step's kernels are done first
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+        return False
+
+    fit(cfg, run_dir, stop_requested=clock)
     train, _ = read_metrics(run_dir)
     batch = max(line["batch_size"] for line in train)
-    later = train[1:]  # the first step pays for warm-up (allocations, kernel choice)
-    elapsed = later[-1]["time"] - train[0]["time"] if later else 0.0
+    # The first step pays for warm-up (allocations, kernel choice): timed from its end.
+    elapsed = ends[len(train) - 1] - ends[0] if len(train) > 1 and len(ends) >= len(train) else 0.0
     if elapsed > 0:
-        return batch, (later[-1]["examples"] - train[0]["examples"]) / elapsed
+        return batch, (train[-1]["examples"] - train[0]["examples"]) / elapsed
     return batch, float(read_summary(run_dir)["examples_per_s"])
 
 
@@ -140,7 +152,8 @@ class InProcessRunner:
         self.device = device
         self.train = train
         self._cuda = device.type == "cuda"
-        if self._cuda and limit_mb is not None:
+        self._capped = self._cuda and limit_mb is not None
+        if self._capped:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, limit_mb * 2**20 / total), device)
 
@@ -177,7 +190,12 @@ class InProcessRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def close(self) -> None:
-        """Nothing outlives a probe here."""
+        """Lift the memory cap (the caller's process goes on); nothing else outlives a probe here."""
+        if self._capped:
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+            self._capped = False
 
 
 # --------------------------------------------------------------------------- one capped child (CPU)

@@ -25,6 +25,7 @@ reproduces the best trial, since every trial uses the recipe's seed),
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -579,11 +580,21 @@ def _run_trial(study: optuna.Study, trial: optuna.trial.Trial, values: dict[str,
 
 
 def _give_back(study: optuna.Study, trial: optuna.trial.Trial, result: dict[str, Any]) -> None:
-    """A trial that did not run to its end: fail it and queue its values again."""
-    trial.set_user_attr("result", result)
-    if trial.params:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    study.tell(trial, state=TrialState.FAIL)
+    """A trial that did not run to its end: fail it and queue its values again (once).
+
+    Another worker may already have failed it as stale and queued its values (a long pause here, then
+    Ctrl-C): then there is nothing left to give back, and the interrupt that brought us here must not be
+    replaced by Optuna's error about a finished trial.
+    """
+    if study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+        return
+    with contextlib.suppress(UpdateFinishedTrialError):
+        trial.set_user_attr("result", result)
+        if trial.params and not any(
+            t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)
+        ):
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def _work_in_processes(plan: _Plan) -> None:

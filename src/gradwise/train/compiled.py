@@ -39,13 +39,22 @@ class StepFunctions:
         loss_sum: ``loss_sum(inputs, targets)``, the micro-batch's summed loss (forward through ``net``).
         optimizer: The run's optimizer.
         compile_step: Compile both halves (``model.compile: step``); otherwise both run eagerly.
+        distributed: The gradients are synchronized by DDP/FSDP hooks during backward. A failed first
+            compiled backward may have left them half-run, so there is no eager retry: the run stops.
     """
 
     def __init__(
-        self, net: torch.nn.Module, loss_sum: LossSum, optimizer: torch.optim.Optimizer, *, compile_step: bool
+        self,
+        net: torch.nn.Module,
+        loss_sum: LossSum,
+        optimizer: torch.optim.Optimizer,
+        *,
+        compile_step: bool,
+        distributed: bool = False,
     ) -> None:
         self.net = net
         self.optimizer = optimizer
+        self._distributed = distributed
         self._eager_loss = loss_sum
         # dynamic=True: one graph for every batch shape. A graph specialized to the first shape and recompiled
         # at the first short batch would make the kernels a run uses depend on where it was resumed.
@@ -67,12 +76,21 @@ class StepFunctions:
         if self._loss is None:
             return _backward(self._eager_loss(inputs, targets), terms, scale)
         if self._loss_ran:
-            return _backward(self._loss(inputs, targets), terms, scale)
+            try:
+                return _backward(self._loss(inputs, targets), terms, scale)
+            except Exception as exc:
+                if not _is_compile_failure(exc):
+                    raise
+                # A recompile for a new kind of shape (a rank's empty share, one row) failed mid-run.
+                raise _compile_error("the loss and its backward", exc) from None
         try:
             loss = _backward(self._loss(inputs, targets), terms, scale)
         except Exception as exc:  # dynamo and inductor raise many types; only the first call may fall back
+            if self._distributed:
+                raise _compile_error("the loss and its backward", exc) from None
             _warn_fallback("the loss and its backward", exc)
-            self._loss = None
+            self._loss, self._update = None, None
+            _float_lrs(self.optimizer)
             # The first micro-batch of the first step: nothing but this failed attempt has touched the gradients.
             self.optimizer.zero_grad(set_to_none=True)
             return _backward(self._eager_loss(inputs, targets), terms, scale)
@@ -84,19 +102,14 @@ class StepFunctions:
         if self._update is None or self._loss is None:  # a loss that fell back to eager takes the update with it
             self.optimizer.step()
             return
-        if self._update_ran:
-            self._update()
-            return
         try:
             self._update()
         except Exception as exc:
-            # Unlike the loss, a failed first update cannot simply be redone: some parameters may already
-            # have moved. The run stops here, before anything of this step is written.
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise TrainingError(
-                f"model.compile=step: torch.compile could not compile the {type(self.optimizer).__name__} update "
-                f"({type(exc).__name__}: {first[:200]}); use model.compile=model (the forward only) or false"
-            ) from None
+            if self._update_ran and not _is_compile_failure(exc):
+                raise
+            # Unlike the loss, a failed update cannot simply be redone: some parameters may already have
+            # moved. The run stops here, before anything of this step is written.
+            raise _compile_error(f"the {type(self.optimizer).__name__} update", exc) from None
         self._update_ran = True
 
 
@@ -120,18 +133,40 @@ def _backward(loss: torch.Tensor, terms: int, scale: int) -> torch.Tensor:
 
 
 def _compiles_update(optimizer: torch.optim.Optimizer) -> bool:
-    """torch.optim's own optimizers, unfused, with every parameter on one kind of device."""
+    """torch.optim's own optimizers, unfused, that take their LR as a tensor."""
     if not type(optimizer).__module__.startswith("torch.optim"):
         return False  # gradwise's own rules (custom.py) and wrappers: eager
     if any(group.get("fused") for group in optimizer.param_groups):
         return False  # already one kernel per parameter list
-    return True
+    # torch refuses a tensor LR for an explicit foreach=True unless the optimizer is capturable.
+    return not any(group.get("foreach") and not group.get("capturable") for group in optimizer.param_groups)
 
 
 def _tensor_lrs(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         if not isinstance(group["lr"], torch.Tensor):  # a resumed compiled run's state already holds one
             group["lr"] = torch.tensor(float(group["lr"]))
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    # Imported here: importing dynamo costs ~2 s, and only a run that called torch.compile gets this far.
+    from torch._dynamo.exc import TorchDynamoException
+
+    return isinstance(exc, TorchDynamoException)
+
+
+def _float_lrs(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+
+
+def _compile_error(what: str, exc: Exception) -> TrainingError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return TrainingError(
+        f"model.compile=step: torch.compile could not compile {what} ({type(exc).__name__}: {first[:200]}); "
+        "use model.compile=model (the forward only) or false"
+    )
 
 
 def _warn_fallback(what: str, exc: Exception) -> None:

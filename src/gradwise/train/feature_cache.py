@@ -39,6 +39,7 @@ class HeadOverFeatures(nn.Module):
         self.model = model
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's outputs for rows whose ``features`` were cached."""
         return self.model.head_forward(features)
 
 

@@ -78,11 +78,41 @@ class LossLedger:
         _read_tensors([record for record, _ in pending])
         for (record, _), loss in zip(pending, losses, strict=True):
             if not math.isfinite(loss):
-                raise TrainingError(f"training loss is {loss} at step {record['step']} (epoch {record['epoch']:.2f})")
+                raise NonFiniteLoss(
+                    f"training loss is {loss} at step {record['step']} (epoch {record['epoch']:.2f})", record["step"]
+                )
             record["loss"] = loss
             self.write(record)
             self.report(record["step"], loss, record["lr"])
         return losses[-1], stop_asked
+
+    def keep_what_is_known(self) -> None:
+        """Log the pending records up to the first non-finite loss, without raising: the run is failing anyway.
+
+        One process only: under torch.distributed the global losses need an all-reduce, which a rank on its
+        way out of a failure cannot count on its peers joining; its pending records are dropped.
+        """
+        pending, self._pending = self._pending, []
+        if self.ctx.active or not pending:
+            return
+        try:
+            losses = torch.stack([loss for _, loss in pending]).tolist()
+            _read_tensors([record for record, _ in pending])
+        except RuntimeError:  # the device itself failed (e.g. a CUDA error): nothing more can be read
+            return
+        for (record, _), loss in zip(pending, losses, strict=True):
+            if not math.isfinite(loss):
+                return
+            record["loss"] = loss
+            self.write(record)
+
+
+class NonFiniteLoss(TrainingError):
+    """A settled loss is NaN or infinite; ``step`` is the step that produced it."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def _read_tensors(records: list[dict[str, Any]]) -> None:
@@ -90,6 +120,8 @@ def _read_tensors(records: list[dict[str, Any]]) -> None:
     where = [(record, key) for record in records for key, value in record.items() if isinstance(value, torch.Tensor)]
     if not where:
         return
-    values = torch.stack([record[key].reshape(()).to(torch.float64) for record, key in where]).tolist()
+    # Stacked on their device in one dtype and widened on the host: MPS has no float64.
+    dtype = where[0][0][where[0][1]].dtype
+    values = torch.stack([record[key].reshape(()).to(dtype) for record, key in where]).cpu().double().tolist()
     for (record, key), value in zip(where, values, strict=True):
         record[key] = value

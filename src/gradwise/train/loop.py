@@ -58,7 +58,7 @@ from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.evaluate import Evaluation, evaluate
 from gradwise.train.hooks import hook_states, load_hook_states
 from gradwise.train.keeper import CheckpointKeeper
-from gradwise.train.ledger import LossLedger
+from gradwise.train.ledger import LossLedger, NonFiniteLoss
 from gradwise.train.progress import ProgressReporter
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.setup import RunParts, build_run
@@ -189,7 +189,13 @@ def _fit(
         else _Silent()
     )
     net = wrap_for_ranks(parts.net, ctx, gradual_unfreezing=any(h.changes_trainable for h in parts.hooks))
-    steps = StepFunctions(net, _loss_function(parts, net), parts.optimizer, compile_step=cfg.model.compile == "step")
+    steps = StepFunctions(
+        net,
+        _loss_function(parts, net),
+        parts.optimizer,
+        compile_step=cfg.model.compile == "step",
+        distributed=ctx.active,
+    )
     keeper.saved_step = counters.step if resume else -1
     name = cfg.name or run_dir.name
     reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress and ctx.is_main)
@@ -288,7 +294,9 @@ def _fit(
             else:
                 advice = " — lower optim.lr or set regularize.clip_grad_norm and train again"
             message = f"{exc}; {kept}{advice}"
-            failed = {"name": name, "status": "failed", "stop_reason": message, "steps": counters.step}
+            # A loss read at settling names its own step; the steps after it in the window do not count.
+            done = exc.step if isinstance(exc, NonFiniteLoss) else counters.step
+            failed = {"name": name, "status": "failed", "stop_reason": message, "steps": done}
             if ctx.is_main:
                 write_summary(run_dir, failed)
             for tracker in trackers:
@@ -302,13 +310,14 @@ def _fit(
             )
             raise StorageError(f"{exc}; {kept}") from None
         finally:
+            ledger.keep_what_is_known()  # the steps an exception caught between two settlings (one process)
             log.close()
             if samples is not None:
                 samples.close()
         reporter.finish(counters.step)
 
     counters.elapsed_s = time.perf_counter() - started
-    summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx, last_eval)
+    summary = _finish(parts, counters, run_dir, name, status, stop_reason, ctx, last_eval, steps.compiled)
     if ctx.is_main and hooks is not None and hooks.finished is not None:
         hooks.finished(run_dir)
     for tracker in trackers:
@@ -559,6 +568,7 @@ def _finish(
     stop_reason: str,
     ctx: distributed.Distributed,
     last_eval: tuple[int, Evaluation] | None = None,
+    compiled: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Final evaluation (of the best weights when asked) and the summary; plots are the caller's (``report``).
 
@@ -623,6 +633,8 @@ def _finish(
         "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name,
     }
+    if cfg.model.compile == "step" and compiled is not None:  # which halves of the step ran compiled in the end
+        summary["compiled"] = compiled
     if parts.forward_module is not None:  # the head trained on features computed once (train.feature_cache)
         summary["features_cached"] = True
     if info.kind == "language_modeling":

@@ -25,7 +25,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Set both ways: the flag is process-global and must not leak from one run into the next. Only when it
     # changes: the first call imports torch._inductor and torch._dynamo (1.5-6 s here) even to set False.
-    if torch.are_deterministic_algorithms_enabled() != deterministic:
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if torch.are_deterministic_algorithms_enabled() != deterministic or warn_only:
         torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
 
