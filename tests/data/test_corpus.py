@@ -213,3 +213,8 @@ def test_unigram_perplexity_by_hand():
     # A uniform model over V tokens has perplexity V.
     empty = Split(x=torch.zeros(0, 3, dtype=torch.long), y=torch.zeros(0, 3, dtype=torch.long))
     assert unigram_perplexity(empty, val, vocab_size=7) == pytest.approx(7.0)
+    # Untrained positions (-100) count on neither side; nothing left to score is NaN, not an error.
+    masked = Split(x=train.x, y=torch.cat([train.y, torch.full_like(train.y, -100)], dim=-1))
+    assert unigram_perplexity(masked, val, vocab_size=3) == pytest.approx(math.sqrt(12), rel=1e-12)
+    nothing = Split(x=val.x, y=torch.full_like(val.y, -100))
+    assert math.isnan(unigram_perplexity(train, nothing, vocab_size=3))

@@ -42,6 +42,10 @@ def test_gpt_perplexity_falls_well_below_the_unigram_baseline(tmp_path: Path):
     data, _, _, _ = build_model_and_data(cfg)
     baseline = unigram_perplexity(data.train, data.val, data.info.vocab_size)
     assert summary["final"]["val_perplexity"] < 0.5 * baseline
+    # The summary carries the same baseline on the test split, which the model must beat there too.
+    test_baseline = unigram_perplexity(data.train, data.test, data.info.vocab_size)
+    assert summary["unigram_perplexity"] == {"split": "test", "value": pytest.approx(test_baseline, abs=1e-4)}
+    assert summary["final"]["test_perplexity"] < 0.5 * summary["unigram_perplexity"]["value"]
     assert summary["monitor"] == "val_loss"
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").exists()
 

@@ -135,11 +135,17 @@ def unigram_perplexity(train: Split, val: Split, vocab_size: int) -> float:
     """Perplexity on ``val``'s targets of a unigram model of ``train``'s targets with add-one smoothing.
 
     ``p(t) = (count(t) + 1) / (N + V)``; the perplexity is ``exp(-mean log p(t))``
-    over validation targets. A language model that uses any context must beat it.
+    over validation targets. A language model that uses any context must beat it. Targets
+    outside ``[0, vocab_size)`` (the ignore index -100 of untrained positions) count on neither
+    side; NaN when ``val`` has no target left.
     """
-    counts = torch.bincount(train.y.reshape(-1), minlength=vocab_size).double() + 1.0
+    seen, scored = train.y.reshape(-1), val.y.reshape(-1)
+    seen, scored = seen[(seen >= 0) & (seen < vocab_size)], scored[(scored >= 0) & (scored < vocab_size)]
+    if len(scored) == 0:
+        return math.nan
+    counts = torch.bincount(seen, minlength=vocab_size).double() + 1.0
     log_p = torch.log(counts / counts.sum())
-    return math.exp(-float(log_p[val.y.reshape(-1)].mean()))
+    return math.exp(-float(log_p[scored].mean()))
 
 
 # --------------------------------------------------------------------------- building or loading the cache

@@ -25,6 +25,7 @@ from torch import nn
 
 from gradwise.config import RunConfig
 from gradwise.data.batches import take
+from gradwise.data.corpus import unigram_perplexity
 from gradwise.errors import CheckpointError, GradwiseWarning, StorageError, TrainingError
 from gradwise.models import count_parameters
 from gradwise.optim.param_groups import configured_hyperparameters, reapply_hyperparameters
@@ -638,6 +639,11 @@ def _finish(
     if parts.forward_module is not None:  # the head trained on features computed once (train.feature_cache)
         summary["features_cached"] = True
     if info.kind == "language_modeling":
+        scored = "test" if test is not None else "val"
+        if info.vocab_size:  # the baseline any context must beat: training-token frequencies, add-one smoothed
+            baseline = unigram_perplexity(parts.data.train, getattr(parts.data, scored), info.vocab_size)
+            if math.isfinite(baseline):
+                summary["unigram_perplexity"] = {"split": scored, "value": round(baseline, 4)}
         summary["target_tokens"] = counters.loss_terms
         summary["target_tokens_per_s"] = round(counters.loss_terms / max(counters.elapsed_s, 1e-9), 1)
     if info.text_stats is not None:  # what tokenizing kept, cut and dropped; rows and padding of the layout
