@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from gradwise.config import DataConfig
+from gradwise.config import DataConfig, validate
 from gradwise.data import load_dataset
 from gradwise.data.files import clean_target
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError, DataError, GradwiseWarning
 
 FRAME = pd.DataFrame(
     {
@@ -90,8 +90,39 @@ def test_npz_matrix_contributes_all_its_columns_and_images_keep_their_shape(tmp_
 
 def test_limit_keeps_the_first_rows(tmp_path: Path):
     frame = pd.DataFrame({"a": np.arange(40.0), "y": [0, 1] * 20})
-    data = load_dataset(whole(write(frame, tmp_path / "d.csv"), target="y", limit=10), "auto", seed=0)
+    # A counter is an id-like column: named here, it is kept (see the row-id tests below).
+    data = load_dataset(whole(write(frame, tmp_path / "d.csv"), target="y", features=["a"], limit=10), "auto", seed=0)
     assert data.train.x[:, 0].tolist() == list(range(10))
+
+
+def test_row_ids_are_left_out_of_the_default_features_with_a_warning(tmp_path: Path):
+    # Sorted by class, the row number alone would predict the label (a test accuracy of 1.0 from the id).
+    n = 40
+    frame = pd.DataFrame(
+        {
+            "rownames": np.arange(1, n + 1),
+            "counter": np.arange(100, 100 + n),
+            "code": [f"r{i:03d}" for i in range(n)],
+            "width": np.linspace(0.0, 1.0, n) ** 2,  # unique floats are a measurement, not an id
+            "year": [2000 + i % 5 for i in range(n)],
+            "y": [0] * (n // 2) + [1] * (n // 2),
+        }
+    )
+    path = write(frame, tmp_path / "d.csv")
+    with pytest.warns(GradwiseWarning) as caught:
+        data = load_dataset(whole(path, target="y"), "auto", seed=0)
+    assert data.info.feature_names == ["width", "year"]
+    shown = [str(w.message) for w in caught]
+    assert any("column 'rownames' looks like a row id (named like an id)" in m for m in shown)
+    assert any("column 'counter' looks like a row id (an integer counting the rows)" in m for m in shown)
+    assert any("column 'code' looks like a row id (a different text in every row)" in m for m in shown)
+    # data.exclude leaves columns out by name; a name the file lacks is one line naming it.
+    kept = load_dataset(whole(path, target="y", exclude=["rownames", "counter", "code", "year"]), "auto", seed=0)
+    assert kept.info.feature_names == ["width"]
+    with pytest.raises(DataError, match=r"d\.csv: no column 'nope' \(data\.exclude\); available columns: rownames"):
+        load_dataset(whole(path, target="y", exclude=["nope"]), "auto", seed=0)
+    with pytest.raises(ConfigError, match=r"data\.exclude narrows the default features"):
+        validate({"data": {"name": "file", "path": str(path), "target": "y", "features": ["width"], "exclude": ["x"]}})
 
 
 def test_json_booleans_are_numbers_in_features_and_labels_in_targets(tmp_path: Path):

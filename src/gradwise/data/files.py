@@ -1,7 +1,9 @@
 """A user's file as numeric features and a clean target column.
 
 ``data.features`` names the feature columns (None: every column except
-``data.target``). A feature must hold finite numbers in every row; the target
+``data.target``, those in ``data.exclude`` and those that look like row ids,
+which are left out with a warning: on a file sorted by class an id column
+alone predicts the label). A feature must hold finite numbers in every row; the target
 may hold numbers, strings or booleans but no empty cells. In an NPZ archive a
 2-D array used as a feature contributes all its columns (named ``key[j]``); a
 3-D ``(N, H, W)`` or 4-D ``(N, C, H, W)`` array that is the only feature is an
@@ -10,6 +12,7 @@ image, flattened, and its shape is kept for the CNN.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +22,7 @@ import pandas as pd
 from gradwise.data.readers import Table, detect_format, read_table
 from gradwise.data.sources import FileData
 from gradwise.data.types import RawData
-from gradwise.errors import ConfigError, DataError
+from gradwise.errors import ConfigError, DataError, GradwiseWarning
 
 _MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none", "#n/a"})
 
@@ -157,7 +160,12 @@ def _target_name(cfg: FileData, table: Table) -> str:
 
 def _feature_names(cfg: FileData, table: Table, target: str) -> list[str]:
     if cfg.features is None:
-        features = [name for name in table.names if name != target]
+        for name in cfg.exclude:
+            if name not in table.names:
+                names = available(table.names)
+                raise DataError(f"{table.source}: no column {name!r} (data.exclude); available columns: {names}")
+        features = [name for name in table.names if name != target and name not in cfg.exclude]
+        features = [name for name in features if not _left_out_as_id(table, name)]
         if not features:
             raise DataError(f"{table.source}: no columns besides the target {target!r} to use as features")
         return features
@@ -229,3 +237,44 @@ def _describe_bad(value: Any) -> str:
 def _show(value: Any, limit: int = 40) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# Column names that say "row number" (R's write.csv writes "rownames", pandas' to_csv an unnamed index).
+_ID_NAMES = frozenset({"id", "rownames", "row", "row_id", "index", "unnamed: 0", ""})
+# Rows a column's values need before they can mark it as an id.
+_ID_ROWS = 20
+
+
+def row_id_reason(name: str, values: np.ndarray) -> str | None:
+    """Why the column looks like a row id (named like one; over at least ``_ID_ROWS`` rows, integers that
+    rise or fall by one every row, or a distinct text in every row), or None. Unique floats are not ids:
+    a continuous measurement is unique per row too; and a handful of rows says nothing either way."""
+    if values.ndim != 1:
+        return None
+    key = name.strip().lower()
+    if key in _ID_NAMES or key.endswith("_id"):
+        return "named like an id"
+    if len(values) < _ID_ROWS:
+        return None
+    numbers = _parse_numbers(values.astype(object))
+    if np.all(np.isfinite(numbers)):
+        steps = np.diff(numbers)
+        if np.all(steps == 1) or np.all(steps == -1):
+            return "an integer counting the rows"
+        return None
+    if np.all(np.isnan(numbers)) and len({str(v) for v in values}) == len(values):
+        return "a different text in every row"
+    return None
+
+
+def _left_out_as_id(table: Table, name: str) -> bool:
+    reason = row_id_reason(name, np.asarray(table.column(name)))
+    if reason is None:
+        return False
+    warnings.warn(
+        f"{table.source}: column {name!r} looks like a row id ({reason}); it is left out of the features "
+        "(name it in data.features to keep it, or in data.exclude to say so)",
+        GradwiseWarning,
+        stacklevel=2,
+    )
+    return True

@@ -96,13 +96,15 @@ class PythonSourceData(DataSection):
 
 class FileData(TextData, TabularData):
     """``file``: a CSV, Parquet, JSONL or NPZ file (``format`` auto-detected by suffix); ``target`` names the
-    predicted column, ``features`` the inputs (default: every numeric column), or ``text`` one text column."""
+    predicted column, ``features`` the inputs (default: every column but the target, the ``exclude``d ones
+    and those that look like row ids), or ``text`` one text column."""
 
     name: Literal["file"] = "file"
     path: Path
     format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
     target: str | None = None
     text: str | None = None
+    exclude: list[str] = []
 
     def batch_format(self) -> str:
         return "tokens" if self.text is not None else "features"
@@ -111,6 +113,8 @@ class FileData(TextData, TabularData):
     def _check(self) -> FileData:
         if self.text is not None and self.features is not None:
             raise ValueError("data.text and data.features cannot both be set: the input is either a text or columns")
+        if self.exclude and (self.features is not None or self.text is not None):
+            raise ValueError("data.exclude narrows the default features; with data.features or data.text, drop it")
         return self
 
 
