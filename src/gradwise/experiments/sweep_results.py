@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import socket
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,8 +161,12 @@ def _plot(rows: list[dict[str, Any]], plan: _Plan, direction: str, out: Path) ->
     failed = sum(1 for r in rows if r["outcome"] not in ("completed", "pruned"))
     goal = "higher" if direction == "maximize" else "lower"
     hidden = f"; {failed} failed or unfinished, not shown" if failed else ""
+    # A long study name would run the title off the figure: wrap it to the figure's width (about 0.6 em a
+    # character at the title's size); the tight layout then makes room for the extra lines.
+    title = f"{plan.study_name}: best {plan.monitor} per trial ({goal} is better{hidden})"
+    width = int(fig.get_figwidth() * 72 / (0.6 * float(ax.title.get_fontsize())))
     ax.set(
-        title=f"{plan.study_name}: best {plan.monitor} per trial ({goal} is better{hidden})",
+        title=textwrap.fill(title, width=width, break_on_hyphens=False),
         xlabel="trial number",
         ylabel=f"best {plan.monitor}: {_metric_label(plan.monitor)}",
     )
