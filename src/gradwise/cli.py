@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="LR range test: a suggested learning rate and a plot",
         formatter_class=fmt,
         description="Train RECIPE briefly with an exponentially increasing learning rate (Smith 2017) in a "
-        "directory of its own, smooth the loss and suggest the LR of steepest descent; writes lr-find.png.\n\n"
+        "run directory of its own, smooth the loss and suggest the LR of steepest descent; writes lr_find.png and "
+        "lr_find.json in that run directory (default: a new OUT_DIR/RECIPE-lr-find-TIME beside the recipe's runs).\n\n"
         "example:\n  gradwise lr-find digits-mlp --min-lr 1e-6 --max-lr 1 --steps 100",
     )
     lr.add_argument("recipe")
@@ -255,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--min-lr", type=float, default=1e-7)
     lr.add_argument("--max-lr", type=float, default=10.0)
     lr.add_argument("--steps", type=int, default=100)
-    lr.add_argument("-o", "--out", type=Path, default=None, help="directory for the range test's run and plot")
+    lr.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="the range test's run directory (gets the run, lr_find.png and lr_find.json); must not hold a run",
+    )
 
     bf = sub.add_parser(
         "batch-find",

@@ -166,3 +166,28 @@ def test_batch_find_stops_below_a_real_out_of_memory(tmp_path: Path) -> None:
     shown = str(result)
     assert "out of memory" in shown and "Traceback" not in shown
     assert f"batch.accumulate={result.suggested_accumulate}" in shown
+
+
+# --------------------------------------------------------------------------- LR finder: where the plot goes
+
+
+def test_lr_find_writes_its_plot_in_a_run_directory_under_out_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gradwise.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the recipe's out_dir is runs/, relative to here
+    argv = ["lr-find", "digits-mlp", "log.progress=false", "--min-lr", "1e-5", "--max-lr", "1", "--steps", "30"]
+    assert main(argv) == 0
+    printed = dict(
+        line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if line[:5] in ("plot:", "run: ")
+    )
+    run_dir, plot = Path(printed["run"]), Path(printed["plot"])
+    # Not a temporary directory: a run directory of its own in the recipe's out_dir, the plot and result inside.
+    assert run_dir.resolve().parent == (tmp_path / "runs").resolve()
+    assert run_dir.name.startswith("digits-mlp-lr-find-")
+    assert plot == run_dir / "lr_find.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "lr_find.json").exists() and (run_dir / "metrics.jsonl").exists()
+    with pytest.raises(SystemExit):  # and --help says so, with the file's real name
+        main(["lr-find", "--help"])
+    assert "lr_find.png" in capsys.readouterr().out

@@ -6,7 +6,9 @@ the LR to ``max_lr`` in ``steps`` steps. A :class:`~gradwise.train.loop.FitHooks
 ``after_step`` hook stops it once the smoothed loss exceeds four times its
 minimum (diverged). The losses and LRs are read back from ``metrics.jsonl``;
 the suggestion is the LR where the smoothed loss falls fastest (per unit of
-log LR) before its minimum. The range test trains in its own directory, so the
+log LR) before its minimum. The range test trains in its own run directory
+(``out``, by default a new ``<out_dir>/<recipe>-lr-find-<time>`` beside the
+recipe's runs), which holds the plot ``lr_find.png`` and ``lr_find.json``; the
 recipe's own runs, model and optimizer are untouched.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 from gradwise.config import RunConfig, apply_overrides, read_yaml, set_path, validate
 from gradwise.errors import ConfigError, TrainingError
 from gradwise.store.files import atomic_write_text
-from gradwise.store.rundir import METRICS_FILE, read_metrics
+from gradwise.store.rundir import METRICS_FILE, new_run_dir, read_metrics
 from gradwise.train.loop import FitHooks, fit
 
 # fastai's smoothing factor and divergence threshold (LRFinder: stop when smoothed loss > 4 x best).
@@ -86,7 +87,8 @@ def lr_find(
         min_lr: The LR of the first step.
         max_lr: The LR the exponential ramp reaches after ``steps`` steps.
         steps: Optimizer steps of the ramp (fewer when the loss diverges first).
-        out: The range test's run directory (must not hold a run yet); default a new temporary directory.
+        out: The range test's run directory (must not hold a run yet); default a new
+            ``<out_dir>/<recipe stem>-lr-find-<timestamp>`` in the recipe's ``out_dir``.
 
     Returns:
         The suggestion, the measured curve, the plot and the run directory.
@@ -104,10 +106,18 @@ def lr_find(
         raise ConfigError(f"lr_find max_lr: must be above min_lr {min_lr} (got {max_lr})")
     if steps < 5:
         raise ConfigError(f"lr_find steps: must be >= 5 to draw a curve (got {steps})")
-    run_dir = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="gradwise-lr-find-"))
-    if (run_dir / METRICS_FILE).exists():
-        raise ConfigError(f"lr_find out {run_dir}: already holds a run ({METRICS_FILE}); pass a new directory")
-    cfg = range_test_config(recipe, overrides or [], min_lr=min_lr, max_lr=max_lr, steps=steps, run_dir=run_dir)
+    if out is not None:
+        run_dir = Path(out)
+        if (run_dir / METRICS_FILE).exists():
+            raise ConfigError(f"lr_find out {run_dir}: already holds a run ({METRICS_FILE}); pass a new directory")
+    else:
+        run_dir = _default_run_dir(recipe, overrides or [])
+    try:
+        cfg = range_test_config(recipe, overrides or [], min_lr=min_lr, max_lr=max_lr, steps=steps, run_dir=run_dir)
+    except ConfigError:
+        if out is None:
+            run_dir.rmdir()  # made just now, still empty: a mistake leaves nothing behind
+        raise
 
     watcher = _DivergenceWatch()
     try:
@@ -136,6 +146,14 @@ def lr_find(
     record = {"suggestion": result.suggestion, "stop_reason": stop_reason, "lrs": lrs, "losses": losses}
     atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     return result
+
+
+def _default_run_dir(recipe: Path, overrides: list[str]) -> Path:
+    """A new ``<out_dir>/<recipe stem>-lr-find-<timestamp>`` for the range test, in the recipe's ``out_dir``."""
+    raw = apply_overrides(read_yaml(recipe), overrides)
+    raw.pop("variants", None)
+    cfg = validate(raw, source=str(recipe))
+    return new_run_dir(cfg.model_copy(update={"name": None}), f"{recipe.stem}-lr-find")
 
 
 def range_test_config(
