@@ -22,6 +22,7 @@ class ProgressReporter:
         self.enabled = enabled
         self.console = console or Console(stderr=True)
         self._last_draw = 0.0
+        self._status = ""
         self._progress: Progress | None = None
         if enabled:
             self._progress = Progress(
@@ -48,10 +49,13 @@ class ProgressReporter:
     def step(self, step: int, loss: float, lr: float) -> None:
         if self._progress is None:
             return
+        # Kept even when not drawn: the bar's last frame (finish) shows the last step's loss and LR, not
+        # those of the last step that happened to be drawn (an LR range test moves the LR every step).
+        self._status = f"loss {loss:.4g}  lr {lr:.3g}"
         now = time.monotonic()
         if now - self._last_draw >= _MIN_INTERVAL_S:
             self._last_draw = now
-            self._progress.update(self._task, completed=step, status=f"loss {loss:.4g}  lr {lr:.3g}")
+            self._progress.update(self._task, completed=step, status=self._status)
 
     def note(self, message: str) -> None:
         """Print a line above the bar (evaluations, checkpoints, stops)."""
@@ -60,4 +64,4 @@ class ProgressReporter:
 
     def finish(self, step: int) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=step)
+            self._progress.update(self._task, completed=step, status=self._status)
