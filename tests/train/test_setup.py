@@ -27,7 +27,7 @@ def test_same_data_is_loaded_once_and_shared():
 def test_a_changed_data_file_is_read_again(tmp_path: Path):
     file = tmp_path / "points.csv"
     file.write_text("x,y\n" + "".join(f"{i},{2 * i + 1}\n" for i in range(40)))
-    cfg = validate({"data": {"name": "file", "path": str(file), "target": "y"}, **QUIET})
+    cfg = validate({"data": {"name": "file", "path": str(file), "target": "y", "features": ["x"]}, **QUIET})
     first, _, _, _ = build_model_and_data(cfg)
     file.write_text("x,y\n" + "".join(f"{i},{3 * i}\n" for i in range(50)))
     os.utime(file, ns=(1, 1))  # a different modification time even on a coarse clock
