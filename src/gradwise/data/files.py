@@ -14,51 +14,145 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gradwise.data.readers import Table, detect_format, read_table
-from gradwise.data.sources import FileData
+from gradwise.data.sources import FileData, TableData
 from gradwise.data.types import RawData
 from gradwise.errors import ConfigError, DataError, GradwiseWarning
 
 _MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none", "#n/a"})
 
 
+@dataclass(frozen=True)
+class FileColumns:
+    """A file's table with the columns a run reads from it.
+
+    Attributes:
+        table: Every column as read.
+        features: The feature columns, in the file's order (or ``data.features``' order).
+        target: The target column.
+        rows: How many rows are used (the first ``data.limit``, or all).
+        left_out: Columns left out of the features because they look like row ids: ``{"name", "kind", "reason"}``.
+    """
+
+    table: Table
+    features: list[str]
+    target: str
+    rows: int
+    left_out: list[dict[str, str]]
+    kept: np.ndarray | None = None
+
+    def values(self, name: str) -> np.ndarray:
+        """Column ``name``'s used rows."""
+        values = np.asarray(self.table.column(name))[: self.rows]
+        return values if self.kept is None else values[self.kept]
+
+    def locate(self, i: int) -> str:
+        """Where the user finds used row ``i`` in the file."""
+        return self.table.locate(i if self.kept is None else int(self.kept[i]))
+
+    def file_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Used row indices as row indices of the table as read (they differ when rows were dropped)."""
+        return rows if self.kept is None else self.kept[rows]
+
+    def with_target(self) -> FileColumns:
+        """The rows whose target has a value (rows without one are left out, with a warning)."""
+        target = np.asarray(self.table.column(self.target))[: self.rows]
+        if target.ndim != 1:
+            return self
+        missing = np.array([_no_value(v) for v in target.tolist()], dtype=bool)
+        if not missing.any():
+            return self
+        kept = np.flatnonzero(~missing)
+        warnings.warn(
+            f"{self.table.source}: {int(missing.sum())} rows have no value in the target {self.target!r} "
+            f"(the first: {self.table.locate(int(np.flatnonzero(missing)[0]))}); they are left out",
+            GradwiseWarning,
+            stacklevel=2,
+        )
+        return replace(self, kept=kept)
+
+    def is_array_block(self) -> bool:
+        """Whether some feature is a 2-D or larger NPZ array (a matrix or an image), not a table column."""
+        return any(np.asarray(self.table.column(name)).ndim > 1 for name in self.features)
+
+
+def read_file(cfg: FileData) -> Table:
+    """The table at ``cfg.path``."""
+    if cfg.path is None:  # the config validator already demands it; this keeps the type checker honest
+        raise ConfigError("data.path is required when data.name is 'file'")
+    return read_table(cfg.path, detect_format(cfg.path, cfg.format))
+
+
+def select_columns(cfg: TableData, table: Table) -> FileColumns:
+    """Pick a table's target and feature columns as ``cfg`` says.
+
+    Raises:
+        DataError: a named column is missing or unusable; the message names the file and column.
+        ConfigError: ``data.features`` contradicts itself (repeats a name or includes the target).
+    """
+    target = _target_name(cfg, table)
+    for name in cfg.columns:
+        if name not in table.names:
+            raise DataError(
+                f"{table.source}: no column {name!r} (data.columns); available columns: {available(table.names)}"
+            )
+        if name == target:
+            raise ConfigError(f"data.columns.{name}: {name!r} is the target (data.target); its kind is the task's")
+    features, left_out = _feature_names(cfg, table, target)
+    n_rows = _common_length(table, [*features, target])
+    if n_rows == 0:
+        raise DataError(f"{table.source}: has columns but no rows")
+    keep = n_rows if cfg.limit is None else min(cfg.limit, n_rows)
+    return FileColumns(table, features, target, keep, left_out)
+
+
+def frame_table(frame: pd.DataFrame, source: str) -> Table:
+    """A pandas frame as a Table: numeric and boolean columns keep their dtype, others are object arrays."""
+    columns: dict[str, np.ndarray] = {}
+    for name in frame.columns:
+        series = frame[name]
+        kind = series.dtype.kind
+        columns[str(name)] = series.to_numpy() if kind in "biufM" else series.to_numpy(dtype=object)
+    return Table(source, columns, lambda i: f"row {i + 1}")
+
+
 def load_file(cfg: FileData) -> RawData:
-    """Read ``cfg.path`` and pick its features and target (first ``cfg.limit`` rows if set).
+    """Read ``cfg.path`` as numeric features and its target (first ``cfg.limit`` rows if set).
+
+    For files whose features are numeric arrays (NPZ matrices and images); a table's columns of any
+    kind go through :mod:`gradwise.data.tabular` instead.
 
     Raises:
         DataError: the file, a column or a value is unusable; the message names the file, column and row.
         ConfigError: ``data.features`` contradicts itself (repeats a name or includes the target).
     """
-    if cfg.path is None:  # the config validator already demands it; this keeps the type checker honest
-        raise ConfigError("data.path is required when data.name is 'file'")
-    table = read_table(cfg.path, detect_format(cfg.path, cfg.format))
-    source = table.source
-    target = _target_name(cfg, table)
-    features = _feature_names(cfg, table, target)
-    n_rows = _common_length(table, [*features, target])
-    if n_rows == 0:
-        raise DataError(f"{source}: has columns but no rows")
-    keep = n_rows if cfg.limit is None else min(cfg.limit, n_rows)
+    return numeric_raw(select_columns(cfg, read_file(cfg)), cfg)
+
+
+def numeric_raw(picked: FileColumns, cfg: FileData) -> RawData:
+    """The picked columns as finite float64 features (every value must be a number) and the target."""
+    table, source = picked.table, picked.table.source
     hint = "" if cfg.features is not None else " (set data.features to choose numeric columns)"
     blocks: list[np.ndarray] = []
     names: list[str] = []
-    for feature in features:
-        block, block_names = feature_block(table.column(feature)[:keep], feature, source, table.locate, hint)
+    for feature in picked.features:
+        block, block_names = feature_block(picked.values(feature), feature, source, table.locate, hint)
         blocks.append(block)
         names.extend(block_names)
     return RawData(
         x=np.concatenate(blocks, axis=1),
-        y=clean_target(table.column(target)[:keep], target, source, table.locate),
+        y=clean_target(picked.values(picked.target), picked.target, source, table.locate),
         feature_names=names,
-        target_name=target,
+        target_name=picked.target,
         source=source,
-        name=cfg.path.name,
-        image_shape=_image_shape(table, features),
+        name=cfg.path.name if cfg.path is not None else source,
+        image_shape=_image_shape(table, picked.features),
         locate=table.locate,
     )
 
@@ -147,7 +241,7 @@ def available(names: list[str], limit: int = 30) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _target_name(cfg: FileData, table: Table) -> str:
+def _target_name(cfg: TableData, table: Table) -> str:
     names = table.names
     if cfg.target is None:
         raise DataError(f"{table.source}: data.target is required for data.name 'file'; columns: {available(names)}")
@@ -158,17 +252,23 @@ def _target_name(cfg: FileData, table: Table) -> str:
     return cfg.target
 
 
-def _feature_names(cfg: FileData, table: Table, target: str) -> list[str]:
+def _feature_names(cfg: TableData, table: Table, target: str) -> tuple[list[str], list[dict[str, str]]]:
     if cfg.features is None:
         for name in cfg.exclude:
             if name not in table.names:
                 names = available(table.names)
                 raise DataError(f"{table.source}: no column {name!r} (data.exclude); available columns: {names}")
         features = [name for name in table.names if name != target and name not in cfg.exclude]
-        features = [name for name in features if not _left_out_as_id(table, name)]
+        left_out: list[dict[str, str]] = []
+        for name in features:
+            # A kind set in data.columns is the user's word: only an unset one may be taken for an id.
+            reason = _id_reason(table, name) if cfg.columns.get(name, "id") == "id" else None
+            if reason is not None:
+                left_out.append({"name": name, "kind": "id", "reason": reason})
+        features = [name for name in features if name not in {c["name"] for c in left_out}]
         if not features:
             raise DataError(f"{table.source}: no columns besides the target {target!r} to use as features")
-        return features
+        return features, left_out
     if not cfg.features:
         raise ConfigError("data.features is empty; name at least one column (or leave it unset for all)")
     repeated = sorted({name for name in cfg.features if cfg.features.count(name) > 1})
@@ -180,7 +280,7 @@ def _feature_names(cfg: FileData, table: Table, target: str) -> list[str]:
         if name not in table.names:
             names = available(table.names)
             raise DataError(f"{table.source}: no column {name!r} (data.features); available columns: {names}")
-    return list(cfg.features)
+    return list(cfg.features), []
 
 
 def _common_length(table: Table, names: list[str]) -> int:
@@ -214,6 +314,15 @@ def _parse_numbers(values: np.ndarray) -> np.ndarray:
     if plain.any():
         numbers[plain] = pd.to_numeric(pd.Series(texts[plain], dtype=object), errors="coerce").to_numpy(np.float64)
     return numbers
+
+
+def _no_value(value: Any) -> bool:
+    """An empty target cell: None, NaN or blank text (a text such as "NA" may be a class name)."""
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
 
 
 def _is_missing(value: Any) -> bool:
@@ -262,19 +371,22 @@ def row_id_reason(name: str, values: np.ndarray) -> str | None:
         if np.all(steps == 1) or np.all(steps == -1):
             return "an integer counting the rows"
         return None
+    # A distinct one-word text in every row ("A7-113") is a key; distinct sentences are free text.
     if np.all(np.isnan(numbers)) and len({str(v) for v in values}) == len(values):
-        return "a different text in every row"
+        if np.median([len(str(v).split()) for v in values]) < 2:
+            return "a different text in every row"
     return None
 
 
-def _left_out_as_id(table: Table, name: str) -> bool:
+def _id_reason(table: Table, name: str) -> str | None:
+    """Why a column is left out as a row id (warned about once), or None to keep it."""
     reason = row_id_reason(name, np.asarray(table.column(name)))
     if reason is None:
-        return False
+        return None
     warnings.warn(
         f"{table.source}: column {name!r} looks like a row id ({reason}); it is left out of the features "
-        "(name it in data.features to keep it, or in data.exclude to say so)",
+        "(set data.columns.NAME to its kind to keep it, or name it in data.exclude to say so)",
         GradwiseWarning,
-        stacklevel=2,
+        stacklevel=3,
     )
-    return True
+    return reason

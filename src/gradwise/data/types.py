@@ -38,6 +38,14 @@ class DataInfo:
             export use the same one.
         text_stats: For chat and preference data, what tokenizing did (examples kept, truncated, dropped)
             and how the training split is laid out (rows, tokens, padding).
+        preprocessing: For a table read from a file, the fitted column encoding (the record of
+            :mod:`gradwise.data.tabular`: each column's kind, fill value, categories, standardization),
+            applied alike by eval, predict, export and compress; None for numeric arrays (bundled sets, NPZ).
+        left_out: Columns of the file that are not features, each ``{"name", "kind", "reason"}`` (ids, text).
+        target_mean: For a standardized regression target, the training mean; the model is trained on
+            ``(y - target_mean) / target_scale`` and its outputs are mapped back, so it predicts in the
+            target's units. None when the target is not standardized.
+        target_scale: The training standard deviation of the target (1 where it is 0), or None.
     """
 
     kind: TaskKind
@@ -57,6 +65,17 @@ class DataInfo:
     interactions: dict[str, Any] | None = None
     chat_template: str | None = None
     text_stats: dict[str, Any] | None = None
+    preprocessing: dict[str, Any] | None = None
+    left_out: list[dict[str, str]] | None = None
+    target_mean: float | None = None
+    target_scale: float | None = None
+
+    @property
+    def embedded_sizes(self) -> list[int]:
+        """Per categorical column read through an embedding, its number of ids (0 is the unknown bucket)."""
+        if self.preprocessing is None:
+            return []
+        return [len(c["categories"]) + 1 for c in self.preprocessing["columns"] if c.get("encoding") == "embedding"]
 
     @classmethod
     def from_record(cls, raw: dict, source: str) -> DataInfo:

@@ -7,6 +7,7 @@ section, a builder and a :class:`~gradwise.config.registry.Component`.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from gradwise.config.kinds import MODELS, ModelSection
@@ -21,10 +22,32 @@ __all__ = ["CNN", "MLP", "LinearModel", "build_model", "count_parameters", "make
 def build_model(cfg: ModelSection, info: DataInfo) -> nn.Module:
     """The model ``cfg.name`` with inputs and outputs sized from ``info`` (its component's builder).
 
+    For a standardized regression target (``info.target_scale``) the model's outputs are mapped back
+    to the target's units (see :func:`unstandardize_outputs`).
+
     Raises:
         ConfigError: the model cannot be built for this data (e.g. ``cnn`` on data without an image shape).
     """
-    return MODELS.get(cfg.name).builder()(cfg, info)
+    model = MODELS.get(cfg.name).builder()(cfg, info)
+    if info.target_scale is not None and info.target_mean is not None:
+        unstandardize_outputs(model, info.target_mean, info.target_scale)
+    return model
+
+
+def unstandardize_outputs(model: nn.Module, mean: float, scale: float) -> None:
+    """Make ``model`` predict ``out · scale + mean``: it learns the standardized target, callers see its units.
+
+    A forward hook, not a wrapper module: parameter names (checkpoints, LoRA targets, pruning groups)
+    stay as the model defines them, and ``torch.export`` (hence ONNX) traces the hook with the model.
+    The constants are buffers that are not saved (``data_info.json`` records them).
+    """
+    model.register_buffer("target_mean", torch.tensor(float(mean)), persistent=False)
+    model.register_buffer("target_scale", torch.tensor(float(scale)), persistent=False)
+    model.register_forward_hook(_unstandardize)
+
+
+def _unstandardize(module: nn.Module, inputs: object, outputs: torch.Tensor) -> torch.Tensor:
+    return outputs * module.target_scale.to(outputs.dtype) + module.target_mean.to(outputs.dtype)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,6 +10,7 @@ from torch import nn
 from gradwise.config.kinds import ModelSection
 from gradwise.config.registry import Component
 from gradwise.data.types import DataInfo
+from gradwise.errors import ConfigError
 
 
 class LinearConfig(ModelSection):
@@ -30,6 +31,11 @@ class LinearModel(nn.Module):
 
 
 def build_linear(cfg: LinearConfig, info: DataInfo) -> LinearModel:
+    if info.embedded_sizes:
+        raise ConfigError(
+            f"model.name 'linear' reads dense features; {info.name or info.source} has categorical columns with more "
+            "than data.one_hot_max categories (learned embeddings): use model.name=mlp or raise data.one_hot_max"
+        )
     return LinearModel(info.n_features, info.n_outputs)
 
 

@@ -86,4 +86,5 @@ def build_task(cfg: TaskConfig, info: DataInfo) -> Task:
         raise ConfigError(f"task.loss 'cross_entropy' needs classification data; {label!r} is a regression dataset")
     if cfg.label_smoothing > 0:
         raise ConfigError("task.label_smoothing only applies to classification; set it to 0 for regression")
-    return RegressionTask("mse" if cfg.loss == "auto" else cfg.loss, cfg.huber_delta)
+    scale = info.target_scale if info.target_scale is not None else 1.0
+    return RegressionTask("mse" if cfg.loss == "auto" else cfg.loss, cfg.huber_delta, scale)

@@ -24,12 +24,27 @@ def _loss_fn(name: RegressionLoss, huber_delta: float) -> Callable[..., Tensor]:
     return functools.partial(F.huber_loss, delta=huber_delta)
 
 
+def _scaled(fn: Callable[..., Tensor], scale: float) -> Callable[..., Tensor]:
+    """``fn`` on outputs and targets divided by ``scale`` (the identity for 1)."""
+    if scale == 1.0:
+        return fn
+
+    def scaled(outputs: Tensor, targets: Tensor, **kwargs: object) -> Tensor:
+        return fn(outputs / scale, targets / scale, **kwargs)
+
+    return scaled
+
+
 class RegressionTask:
     """A regression loss over ``(N, 1)`` outputs and targets.
 
     Args:
         loss_name: ``mse``, ``mae`` or ``huber``.
-        huber_delta: Where the Huber loss turns from quadratic to linear.
+        huber_delta: Where the Huber loss turns from quadratic to linear (in the loss's units).
+        target_scale: For a standardized target, its training standard deviation: the model predicts in
+            the target's units and the loss compares ``outputs / scale`` with ``targets / scale``, the
+            standardized values it learns (the mean cancels in the difference). Metrics stay in the
+            target's units. 1 when the target is not standardized.
 
     References:
         Huber 1964, "Robust Estimation of a Location Parameter" (Huber loss).
@@ -38,10 +53,11 @@ class RegressionTask:
     kind: TaskKind = "regression"
     default_monitor: str = "val_loss"
 
-    def __init__(self, loss_name: RegressionLoss = "mse", huber_delta: float = 1.0) -> None:
+    def __init__(self, loss_name: RegressionLoss = "mse", huber_delta: float = 1.0, target_scale: float = 1.0) -> None:
         self.loss_name: str = loss_name
         self.huber_delta = huber_delta
-        self._fn = _loss_fn(loss_name, huber_delta)
+        self.target_scale = target_scale
+        self._fn = _scaled(_loss_fn(loss_name, huber_delta), target_scale)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Mean loss over the batch."""
@@ -57,7 +73,7 @@ class RegressionTask:
 
     def new_meter(self) -> RegressionMeter:
         """An empty meter that scores with this task's loss."""
-        return RegressionMeter(self.loss_name, self.huber_delta)
+        return RegressionMeter(self.loss_name, self.huber_delta, self.target_scale)
 
 
 class RegressionMeter:
@@ -70,8 +86,8 @@ class RegressionMeter:
 
     N_STATS = 6
 
-    def __init__(self, loss_name: RegressionLoss = "mse", huber_delta: float = 1.0) -> None:
-        self._fn = _loss_fn(loss_name, huber_delta)
+    def __init__(self, loss_name: RegressionLoss = "mse", huber_delta: float = 1.0, target_scale: float = 1.0) -> None:
+        self._fn = _scaled(_loss_fn(loss_name, huber_delta), target_scale)
         self._stats = torch.zeros(self.N_STATS, dtype=torch.float64)
 
     @torch.no_grad()

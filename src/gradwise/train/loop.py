@@ -200,6 +200,10 @@ def _fit(
     keeper.saved_step = counters.step if resume else -1
     name = cfg.name or run_dir.name
     reporter = ProgressReporter(name, parts.total_steps, counters.step, cfg.log.progress and ctx.is_main)
+    if not resume and parts.data.info.preprocessing is not None:
+        from gradwise.data.tabular import describe  # a table's columns, as fitted: what each one became
+
+        reporter.note(f"columns of {parts.data.info.name}:\n{describe(parts.data.info)}")
     stop_reason, status = "budget reached", "completed"
     if parts.stopper.should_stop:  # resuming a run that had already stopped early
         stop_reason, status = parts.stopper.stop_reason or "", "early_stopped"
