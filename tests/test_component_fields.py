@@ -38,7 +38,16 @@ SKIPPED_MODELS = {
 }
 
 
-def _info(takes: tuple[str, ...]) -> DataInfo:
+# A table with one categorical column of 2000 categories read through an embedding (fastai's width
+# rule gives min(embedding_max, 113) for it, so both embedding fields show).
+_EMBEDDED = {"columns": [{"name": "city", "kind": "categorical", "encoding": "embedding",
+                          "categories": [f"c{i}" for i in range(2000)]}]}  # fmt: skip
+
+
+def _info(takes: tuple[str, ...], embedded: bool = False) -> DataInfo:
+    if embedded:
+        return DataInfo("classification", 64, None, 3, ["a", "b", "c"], [f"f{i}" for i in range(64)], "y", "test",
+                        preprocessing=_EMBEDDED)  # fmt: skip
     if "tokens" in takes:
         return DataInfo("language_modeling", 16, None, 300, None, ["tokens"], "next", "test", vocab_size=300,
                         pad_token_id=0)  # fmt: skip
@@ -50,8 +59,11 @@ def _info(takes: tuple[str, ...]) -> DataInfo:
     return DataInfo("classification", 64, (1, 8, 8), 3, ["a", "b", "c"], [f"f{i}" for i in range(64)], "y", "test")
 
 
-def _batch(takes: tuple[str, ...]) -> Any:
+def _batch(takes: tuple[str, ...], embedded: bool = False) -> Any:
     generator = torch.Generator().manual_seed(0)
+    if embedded:
+        return {"features": torch.randn(4, 64, generator=generator),
+                "categories": torch.randint(0, 2001, (4, 1), generator=generator)}  # fmt: skip
     if "tokens" in takes:
         return torch.randint(1, 300, (4, 16), generator=generator)
     if "interactions" in takes:
@@ -106,11 +118,11 @@ def _model_cases() -> list[Any]:
     return cases
 
 
-def _built(name: str, **fields: Any) -> tuple[torch.nn.Module, Any]:
+def _built(name: str, embedded: bool = False, **fields: Any) -> tuple[torch.nn.Module, Any]:
     section = MODELS.get(name).section
     cfg = section(**fields)
     torch.manual_seed(0)
-    model = build_model(cfg, _info(section.takes))
+    model = build_model(cfg, _info(section.takes, embedded))
     return model, section.takes
 
 
@@ -123,13 +135,14 @@ def test_every_model_field_changes_the_model(name: str, key: str) -> None:
         pytest.skip("hf_encoder only")
     if name == "gpt" and key == "n_head":
         value = 8  # n_embd 128 must stay divisible
-    base, takes = _built(name)
-    changed, _ = _built(name, **{key: value})
+    embedded = key.startswith("embedding_")  # the MLP's fields for a table's categorical embeddings
+    base, takes = _built(name, embedded)
+    changed, _ = _built(name, embedded, **{key: value})
     base_shapes = {k: v.shape for k, v in base.state_dict().items()}
     new_shapes = {k: v.shape for k, v in changed.state_dict().items()}
     if base_shapes != new_shapes:
         return
-    batch = _batch(takes)
+    batch = _batch(takes, embedded)
     base.train(), changed.train()
     torch.manual_seed(1)
     out_base = base(batch)

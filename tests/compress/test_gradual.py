@@ -180,6 +180,9 @@ def test_fit_prunes_to_the_final_sparsity(tmp_path: Path):
     assert saved["target"] == 0.75
     assert sum(int(m.sum()) for m in saved["masks"].values()) == 1776
     assert summary["final"]["test_accuracy"] > 0.8
+    # The summary's sparsity is the zeros among the weight matrices (biases not counted): 1776 / 2368 = 0.75.
+    assert summary["sparsity"] == 0.75
+    assert summary["trainable_parameters"] == summary["parameters"] == 2368 + 32 + 10
 
 
 def test_best_is_chosen_only_at_the_final_sparsity(tmp_path: Path):

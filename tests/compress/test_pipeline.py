@@ -73,6 +73,9 @@ def test_variants_are_run_directories_that_eval_reads(source_run: Path, tmp_path
     weights = [p for p in model.parameters() if p.dim() > 1]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == pytest.approx(0.5 * sum(w.numel() for w in weights), abs=2)
+    # Its summary says so: zeros over the weight matrices, 3232 of 64·64 + 64·32 + 32·10 = 6464.
+    pruned = json.loads((run_dir / "compressed" / "magnitude-50" / "summary.json").read_text())
+    assert pruned["sparsity"] == pytest.approx(zeros / 6464, abs=1e-6) == pytest.approx(0.5, abs=2 / 6464)
     # The structured variant is a smaller architecture, recorded in its config.
     cfg = yaml.safe_load((run_dir / "compressed" / "structured-50" / "config.yaml").read_text())
     assert cfg["model"]["hidden"] == [32, 16]
@@ -126,6 +129,8 @@ def test_chain_distill_prune_quantize_and_one_measurement(source_run: Path, tmp_
     assert set(chain["latency_ms"]) == {"1", "32"}
     table = write_comparison(run_dir, rows, budget).read_text()
     assert "| chain | accepted |" in table
+    assert chain["sparsity"] == pytest.approx(1 - chain["nonzeros"] / chain["parameters"])
+    assert f"| {chain['sparsity']:.4f} |" in table.split("| chain |")[1].splitlines()[0]
     assert (run_dir / "compressed" / "pareto.png").stat().st_size > 10_000
 
 

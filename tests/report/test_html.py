@@ -353,3 +353,13 @@ def test_ensure_browser_fails_with_the_installers_message(tmp_path: Path, chromi
     fake.write_text("echo 'cannot install chromium: no mirror' >&2\nexit 1\n")
     with pytest.raises(pytest.fail.Exception, match=r"fake-installer\.sh failed: cannot install chromium: no mirror"):
         ensure_browser(tmp_path / "no-browser", fake)
+
+
+def test_run_facts_name_trainable_parameters_and_sparsity_where_they_apply():
+    from gradwise.report.html import _facts
+
+    dense = _facts({"parameters": 1000, "trainable_parameters": 1000, "sparsity": 0.0})
+    assert "1,000" in dense and "trainable" not in dense and "sparsity" not in dense
+    probe = _facts({"parameters": 1000, "trainable_parameters": 40, "sparsity": 0.9})
+    assert "<span>trainable parameters</span><b>40</b>" in probe
+    assert "<span>sparsity (weight matrices)</span><b>0.9000</b>" in probe

@@ -68,6 +68,8 @@ def _add_ratios(rows: list[dict[str, Any]], budget: Budget) -> None:
     for row in rows:
         row["size_ratio"] = base["bytes_on_disk"] / max(row["bytes_on_disk"], 1)
         row["nonzero_ratio"] = base["nonzeros"] / max(row["nonzeros"], 1)
+        # Over every counted weight (biases included, unlike a run summary's weight-matrix "sparsity").
+        row["sparsity"] = 1.0 - row["nonzeros"] / max(row["parameters"], 1)
         row["speedup"] = {
             b: base["latency_ms"][b]["median"] / max(row["latency_ms"][b]["median"], 1e-9) for b in row["latency_ms"]
         }
@@ -104,6 +106,7 @@ def comparison_table(rows: list[dict[str, Any]], budget: Budget) -> str:
         budget.metric,
         "params",
         "nonzeros",
+        "sparsity",
         "size MB",
         "size ×",
         *[f"b{b} ms (p95)" for b in batches],
@@ -112,7 +115,8 @@ def comparison_table(rows: list[dict[str, Any]], budget: Budget) -> str:
     ]
     lines = [
         f"Compression of `{rows[0]['directory']}` — budget: {budget.metric} at most {budget.max_drop} worse than "
-        f"{budget.baseline:.4f}; {rows[0]['threads']} torch thread(s).",
+        f"{budget.baseline:.4f}; {rows[0]['threads']} torch thread(s). sparsity = 1 − nonzeros / params, "
+        "over every weight tensor (biases included).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -127,6 +131,7 @@ def comparison_table(rows: list[dict[str, Any]], budget: Budget) -> str:
             _num(row["metrics"].get(budget.metric)),
             f"{row['parameters']:,}",
             f"{row['nonzeros']:,}",
+            f"{row['sparsity']:.4f}",
             f"{row['bytes_on_disk'] / 1e6:.3f}",
             f"{row['size_ratio']:.2f}",
             *[f"{row['latency_ms'][b]['median']:.3f} ({row['latency_ms'][b]['p95']:.3f})" for b in batches],

@@ -20,7 +20,7 @@ from torch import nn
 
 from gradwise.config import RunConfig
 from gradwise.data import Dataset
-from gradwise.models import count_parameters
+from gradwise.models import count_parameters, weight_sparsity
 from gradwise.store.checkpoint import MODEL_FILE, save_checkpoint
 from gradwise.store.records import (
     TOKENIZER_DIR,
@@ -81,6 +81,9 @@ def finish_model_run(
         "steps": 0,
         "parameters": count_parameters(model),
     }
+    sparsity = weight_sparsity(model)  # None for an ONNX Runtime session (its weights are not parameters)
+    if sparsity is not None:
+        summary["sparsity"] = round(sparsity, 6)
     write_summary(run_dir, summary)
     return summary
 

@@ -16,7 +16,7 @@ from gradwise.models.cnn import CNN
 from gradwise.models.linear import LinearModel
 from gradwise.models.mlp import MLP, make_activation
 
-__all__ = ["CNN", "MLP", "LinearModel", "build_model", "count_parameters", "make_activation"]
+__all__ = ["CNN", "MLP", "LinearModel", "build_model", "count_parameters", "make_activation", "weight_sparsity"]
 
 
 def build_model(cfg: ModelSection, info: DataInfo) -> nn.Module:
@@ -53,3 +53,28 @@ def _unstandardize(module: nn.Module, inputs: object, outputs: torch.Tensor) -> 
 def count_parameters(model: nn.Module) -> int:
     """Every parameter's element count, trainable or frozen (buffers such as BatchNorm statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def weight_sparsity(model: nn.Module) -> float | None:
+    """The fraction of entries that are exactly zero over the model's weight matrices; None when it has none.
+
+    Weight matrices are the parameters with two or more dimensions (Linear and Conv weights, attention
+    projections), each shared tensor counted once, embedding tables (an ``nn.Embedding``'s weight, and an
+    output layer tied to it) left out: the weights :mod:`gradwise.compress.prune` prunes by default, so a
+    run pruned to ``prune.sparsity=s`` reports ``s`` (up to rounding). Biases and norm scales are not
+    counted. A torchao-quantized weight is counted on its dequantized values.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    seen: set[int] = set()
+    total = zeros = 0
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() < 2 or id(param) in seen or id(param) in embeddings:
+                continue
+            seen.add(id(param))
+            tensor = param.detach()
+            if type(tensor) is not torch.Tensor and hasattr(tensor, "dequantize"):
+                tensor = tensor.dequantize()
+            total += tensor.numel()
+            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+    return zeros / total if total else None

@@ -158,6 +158,11 @@ def _facts(summary: dict[str, Any]) -> str:
         facts.append(("throughput", f"{summary['examples_per_s']:,.0f} examples/s"))
     if _is_number(summary.get("parameters")):
         facts.append(("parameters", f"{summary['parameters']:,}"))
+    trainable = summary.get("trainable_parameters")
+    if _is_number(trainable) and trainable != summary.get("parameters"):
+        facts.append(("trainable parameters", f"{trainable:,}"))
+    if _is_number(summary.get("sparsity")) and summary["sparsity"] > 0:
+        facts.append(("sparsity (weight matrices)", f"{summary['sparsity']:.4f}"))
     for key in ("optimizer", "schedule", "data", "task", "device"):
         if summary.get(key):
             facts.append((key, str(summary[key])))

@@ -27,7 +27,7 @@ from gradwise.config import RunConfig
 from gradwise.data.batches import take
 from gradwise.data.corpus import unigram_perplexity
 from gradwise.errors import CheckpointError, GradwiseWarning, StorageError, TrainingError
-from gradwise.models import count_parameters
+from gradwise.models import count_parameters, weight_sparsity
 from gradwise.optim.param_groups import configured_hyperparameters, reapply_hyperparameters
 from gradwise.store.branch import branched_at
 from gradwise.store.checkpoint import (
@@ -638,6 +638,10 @@ def _finish(
         "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name,
     }
+    # Zeros among the weight matrices (what pruning prunes; models.weight_sparsity); FSDP's shards are not counted.
+    sparsity = None if is_fully_sharded(parts.model) else weight_sparsity(parts.model)
+    if sparsity is not None:
+        summary["sparsity"] = round(sparsity, 6)
     if cfg.model.compile == "step" and compiled is not None:  # which halves of the step ran compiled in the end
         summary["compiled"] = compiled
     if parts.forward_module is not None:  # the head trained on features computed once (train.feature_cache)
@@ -683,7 +687,10 @@ def _eval_line_at(run_dir: Path, step: int | None) -> dict[str, float]:
 
 def _final_line(summary: dict[str, Any]) -> str:
     shown = "  ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if k.startswith("test_"))
-    return f"done: {summary['status']} ({summary['stop_reason']}); {shown or ''}"
+    size = f"{summary['parameters']:,} parameters ({summary['trainable_parameters']:,} trainable)"
+    if summary.get("sparsity"):  # only a model with zeros in its weight matrices (pruned) says so
+        size += f", sparsity {summary['sparsity']:.4f}"
+    return f"done: {summary['status']} ({summary['stop_reason']}); {shown or ''}; {size}"
 
 
 @contextmanager
