@@ -159,10 +159,16 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
-def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a raw mapping into a RunConfig, or raise one ConfigError line."""
+def validate(raw: dict[str, Any], source: str = "config", *, base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw mapping into a RunConfig, or raise one ConfigError line.
+
+    Data paths that a section reads relative to the config (``text_files``' ``paths``) are made
+    absolute against ``base_dir``: by default the directory of ``source`` when it names a YAML file.
+    """
+    if base_dir is None and source.endswith((".yaml", ".yml")) and Path(source).is_file():
+        base_dir = Path(source).resolve().parent
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
         raise ConfigError(f"{source}: {describe_error(exc)}") from None
 

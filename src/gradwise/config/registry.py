@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Annotated, Any, ClassVar, Generic, TypeVar, get_args
 
-from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, ValidationInfo
 
 from gradwise.config.base import Section
 from gradwise.errors import ConfigError
@@ -143,8 +143,11 @@ class Registry(Generic[S]):
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, raw: Any) -> Section:
-        """A mapping (or a section) validated against the section of its ``name``; ValueError with one line."""
+    def validate(self, raw: Any, info: ValidationInfo | None = None) -> Section:
+        """A mapping (or a section) validated against the section of its ``name``; ValueError with one line.
+
+        The validation context of the run config (``info.context``: the config's ``base_dir``) reaches the section.
+        """
         if isinstance(raw, self.base):
             return raw
         if raw is None:
@@ -156,7 +159,7 @@ class Registry(Generic[S]):
             raise ValueError(self._unknown(name))
         section = self.get(name).section
         try:
-            return section.model_validate({**raw, "name": name})
+            return section.model_validate({**raw, "name": name}, context=info.context if info is not None else None)
         except ValidationError as exc:
             raise ValueError(self._describe(exc, name)) from None
 
@@ -188,7 +191,10 @@ class Registry(Generic[S]):
 
     def field(self) -> Any:
         """The annotation for the run config's field of this kind (validated here, dumped in full)."""
-        return Annotated[SerializeAsAny[self.base], BeforeValidator(self.validate)]
+        return Annotated[SerializeAsAny[self.base], BeforeValidator(self._validate_in_context)]
+
+    def _validate_in_context(self, raw: Any, info: ValidationInfo) -> Section:
+        return self.validate(raw, info)
 
     def default_section(self) -> Any:
         """A ``Field`` whose default is the default component's section with its defaults."""

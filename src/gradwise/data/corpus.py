@@ -24,6 +24,7 @@ import platform
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gradwise.data.sources import PythonSourceData
+from gradwise.data.token_files import TokenBlocks
 from gradwise.data.types import DataInfo, Dataset, Split
 from gradwise.errors import ConfigError, DataError
 
@@ -137,15 +139,25 @@ def unigram_perplexity(train: Split, val: Split, vocab_size: int) -> float:
     ``p(t) = (count(t) + 1) / (N + V)``; the perplexity is ``exp(-mean log p(t))``
     over validation targets. A language model that uses any context must beat it. Targets
     outside ``[0, vocab_size)`` (the ignore index -100 of untrained positions) count on neither
-    side; NaN when ``val`` has no target left.
+    side; NaN when ``val`` has no target left. Memory-mapped targets are counted a chunk at a time.
     """
-    seen, scored = train.y.reshape(-1), val.y.reshape(-1)
-    seen, scored = seen[(seen >= 0) & (seen < vocab_size)], scored[(scored >= 0) & (scored < vocab_size)]
-    if len(scored) == 0:
-        return math.nan
-    counts = torch.bincount(seen, minlength=vocab_size).double() + 1.0
+    counts = torch.ones(vocab_size, dtype=torch.float64)
+    for seen in _target_chunks(train, vocab_size):
+        counts += torch.bincount(seen, minlength=vocab_size).double()
     log_p = torch.log(counts / counts.sum())
-    return math.exp(-float(log_p[scored].mean()))
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    for scored in _target_chunks(val, vocab_size):
+        total += log_p[scored].sum()
+        n += len(scored)
+    return math.nan if n == 0 else math.exp(-float(total) / n)
+
+
+def _target_chunks(split: Split, vocab_size: int) -> Iterator[torch.Tensor]:
+    """The split's targets in ``[0, vocab_size)``, flat: at once, or in chunks when they are read lazily from disk."""
+    chunks = split.y.chunks() if isinstance(split.y, TokenBlocks) else [split.y]
+    for chunk in chunks:
+        flat = chunk.reshape(-1)
+        yield flat[(flat >= 0) & (flat < vocab_size)]
 
 
 # --------------------------------------------------------------------------- building or loading the cache
@@ -158,7 +170,7 @@ def prepare_corpus(cfg: PythonSourceData, seed: int, *, cache_root: Path | None 
     if not candidates:
         raise DataError(f"python_source: no readable .py files under the standard library at {root}")
     key = _cache_key(root, candidates, cfg, seed)
-    directory = (cache_root or _default_cache_root()) / "corpus" / key
+    directory = (cache_root or default_cache_root()) / "corpus" / key
     if directory.is_dir():
         try:
             return _load(directory)
@@ -253,10 +265,11 @@ def split_files(sizes: list[int], val_fraction: float, test_fraction: float, see
     return {name: sorted(indices) for name, indices in members.items()}
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE (GPT-2's scheme) with ``<|endoftext|>`` as its only special token.
 
-    Training has no randomness: the same texts give the same ``tokenizer.json`` in any process.
+    Training has no randomness: the same texts give the same ``tokenizer.json`` in any process. ``texts``
+    may be a generator: they are streamed to the trainer, which keeps word counts, not the texts.
 
     References:
         Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units";
@@ -332,7 +345,7 @@ def _load(directory: Path) -> Corpus:
     )
 
 
-def _default_cache_root() -> Path:
+def default_cache_root() -> Path:
     env = os.environ.get("GRADWISE_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "gradwise"
 

