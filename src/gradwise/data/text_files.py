@@ -253,7 +253,7 @@ def build_token_files(directory: Path, cfg: TextFilesData, seed: int, sources: l
                     batch, chars = [], 0
             _write(batch, tokenizer, writers, documents)
         if documents["train"] == 0:
-            raise DataError(f"data.paths {', '.join(cfg.paths)}: an empty corpus (no text in the training split)")
+            raise _no_training_text(cfg)
         meta = {
             "format": FORMAT_VERSION,
             "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir is not None else None,
@@ -306,10 +306,17 @@ def _tokenizer(
 
     bpe = train_tokenizer(training_texts(), cfg.vocab_size or DEFAULT_VOCAB_SIZE)
     if seen["chars"] == 0:
-        raise DataError(f"data.paths {', '.join(cfg.paths)}: an empty corpus (no text in the training split)")
+        raise _no_training_text(cfg)
     bpe.save(str(staging / "tokenizer.json"))
     encode = lambda texts: [e.ids for e in bpe.encode_batch(texts)]  # noqa: E731
     return TextTokenizer(encode=encode, eot_id=bpe.token_to_id(EOT), vocab_size=bpe.get_vocab_size()), None
+
+
+def _no_training_text(cfg: TextFilesData) -> DataError:
+    return DataError(
+        f"data.paths {', '.join(cfg.paths)}: no text for the training split (an empty corpus, or too little "
+        "to split by data.val_fraction / data.test_fraction)"
+    )
 
 
 def load_pretrained_tokenizer(directory: Path) -> TextTokenizer:

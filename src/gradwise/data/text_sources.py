@@ -101,6 +101,7 @@ def _plain_pieces(path: Path, piece_bytes: int) -> Iterator[Piece]:
             data = carry + chunk
             if not data:
                 break
+            _no_nul(path, data, offset, line)
             cut = len(data) if not chunk else _safe_cut(data)
             if cut == 0 and len(data) < 4 * piece_bytes:  # no safe place in this much text: read on
                 carry = data
@@ -132,11 +133,14 @@ def _char_boundary(data: bytes, at: int) -> int:
     return max(at, 1)
 
 
-def _decode(path: Path, data: bytes, offset: int, line: int) -> str:
+def _no_nul(path: Path, data: bytes, offset: int, line: int) -> None:
     nul = data.find(b"\0")
     if nul >= 0:
         at = line + data.count(b"\n", 0, nul)
         raise DataError(f"{path}: a binary file, not text (NUL byte at offset {offset + nul}, line {at})")
+
+
+def _decode(path: Path, data: bytes, offset: int, line: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
