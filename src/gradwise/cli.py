@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["test", "val", "train"], default="test")
     ev.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
+    pred = sub.add_parser(
+        "predict",
+        help="predict new rows with a run or a compressed variant",
+        formatter_class=fmt,
+        description="Run a trained run (or a compressed variant under RUN/compressed/) on new rows: a table "
+        "(CSV, JSONL, Parquet) encoded as the run encoded its training rows, a text column for a text run, an "
+        "NPZ array for an image run. The output keeps the input's row order and id columns and adds "
+        "'prediction' (and with --proba one probability column per class). When INPUT holds the target column "
+        "the metrics on its rows are printed to stderr.\n\n"
+        "examples:\n  gradwise predict runs/tabular-20261204-120000 new_penguins.csv -o predictions.csv\n"
+        "  gradwise predict runs/digits-cnn-20261204-120000/compressed/int8 images.npz --proba",
+    )
+    pred.add_argument("run_dir", type=Path)
+    pred.add_argument("input", type=Path, help="the rows to predict: .csv, .jsonl, .parquet or .npz")
+    pred.add_argument("-o", "--out", type=Path, help="write here (.csv, .jsonl or .parquet) instead of stdout")
+    pred.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    pred.add_argument("--proba", action="store_true", help="add one probability column per class")
+
     rec = sub.add_parser(
         "recipes",
         help="list or copy the bundled recipes",
@@ -505,6 +523,23 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from gradwise.experiments.predict import csv_text, predict_file, write_predictions
+
+    predictions = predict_file(args.run_dir, args.input, args.checkpoint, proba=args.proba)
+    for column, count in predictions.unknown.items():
+        print(f"{args.input}: column {column!r}: {count} row(s) with a category never seen in training "
+              "(read as unknown)", file=sys.stderr)  # fmt: skip
+    if args.out is None:
+        sys.stdout.write(csv_text(predictions))
+    else:
+        print(f"{predictions.rows} predictions: {write_predictions(predictions, args.out)}", file=sys.stderr)
+    if predictions.metrics is not None:
+        shown = "  ".join(f"{k} {v:.6g}" for k, v in predictions.metrics.items())
+        print(f"{args.input}: scored against its {predictions.rows} targets: {shown}", file=sys.stderr)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from gradwise.experiments.export_hf import export_hf
@@ -732,6 +767,7 @@ _COMMANDS = {
     "train": _train,
     "resume": _resume,
     "eval": _eval,
+    "predict": _predict,
     "export": _export,
     "consolidate": _consolidate,
     "generate": _generate,

@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from gradwise.compress.runs import load_run_model, read_data_info
 from gradwise.config import DistillConfig, RunConfig
+from gradwise.data.batches import take
 from gradwise.data.types import DataInfo, Dataset, Split
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.tasks import MetricMeter, Task
-from gradwise.train.batching import gather
-from gradwise.train.device import autocast, parameter_dtype
+from gradwise.train.device import autocast, parameter_dtype, to_device
 from gradwise.train.rng import capture_rng, restore_rng
 from gradwise.train.strategies import RunStrategy
 
@@ -225,8 +225,7 @@ def teacher_outputs(
     try:
         for start in range(0, len(split), batch_size):
             rows = torch.arange(start, min(start + batch_size, len(split)))
-            x = gather(split.x, split.lengths, rows).to(device)
-            x = x.to(dtype) if x.is_floating_point() else x
+            x = to_device(take(split, rows)[0], device, dtype)  # floating inputs in the weights' dtype
             with autocast(device, precision):
                 out = teacher(x)
             logits.append(out.float().cpu())

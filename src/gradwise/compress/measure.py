@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from gradwise.data import Dataset
+from gradwise.data.batches import take
 from gradwise.tasks import Task
-from gradwise.train.batching import gather
 from gradwise.train.device import to_device
 from gradwise.train.evaluate import evaluate
 
@@ -104,11 +104,11 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
     return param.dtype if param is not None else torch.float32
 
 
-def _fixed_batch(data: Dataset, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _fixed_batch(data: Dataset, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
     """The first ``batch`` test rows, cycling when the split is smaller."""
     split = data.test if len(data.test.y) else data.val
     rows = torch.arange(batch) % len(split.y)
-    return to_device(gather(split.x, split.lengths, rows), device, dtype)
+    return to_device(take(split, rows)[0], device, dtype)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
@@ -120,8 +120,9 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 @torch.inference_mode()
-def _time_calls(model: nn.Module, x: torch.Tensor, settings: MeasureSettings) -> list[float]:
-    sync = synchronizer(x.device)
+def _time_calls(model: nn.Module, x: Any, settings: MeasureSettings) -> list[float]:
+    first = next(iter(x.values())) if isinstance(x, dict) else x  # a table's features and category ids
+    sync = synchronizer(first.device)
     for _ in range(settings.warmup):
         model(x)
     sync()

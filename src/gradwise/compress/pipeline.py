@@ -28,11 +28,12 @@ from gradwise.compress.recipe import CompressRecipe, Step
 from gradwise.compress.runs import load_run_model
 from gradwise.compress.variant import finish_model_run, start_model_run
 from gradwise.config import RunConfig, deep_copy, monitor_mode, set_path, validate
+from gradwise.data.batches import gather, take
 from gradwise.errors import CheckpointError, ConfigError
 from gradwise.report.hooks import plotting_hooks
 from gradwise.store.records import read_compression, write_compression
 from gradwise.store.rundir import CONFIG_FILE, read_summary
-from gradwise.train.batching import gather
+from gradwise.train.device import to_device
 from gradwise.train.loop import fit
 
 COMPRESSED_DIR = "compressed"
@@ -235,7 +236,7 @@ def _prune_step(step: Step, source: Path, out: Path, name: str, monitor: str) ->
 
         cfg, data, model, task, device = load_run_model(source, "best")
         rows = torch.arange(min(2, len(data.train.y)))
-        example = gather(data.train.x, data.train.lengths, rows).to(device)
+        example = to_device(take(data.train, rows)[0], device, next(model.parameters()).dtype)
         model, model_cfg = prune_structured(model, cfg.model, p.structured, example)
         pruned_cfg = cfg.model_copy(update={"model": model_cfg.model_copy(update={"init_from": None})})
         pruned = _beside(out, "structured") if step.train else out
@@ -314,9 +315,16 @@ def _quantize(
 
     chunks = [rows[i : i + CALIBRATION_BATCH] for i in range(0, len(rows), CALIBRATION_BATCH)]
     if spec.backend == "torchao":
-        calibration = gather(data.train.x, data.train.lengths, rows).to(device)
+        calibration = to_device(take(data.train, rows)[0], device, next(model.parameters()).dtype)
         return quantize_model(model, spec, calibration if spec.method == "static" else None)
     from gradwise.compress.onnx_runtime import OnnxModule, export_onnx, quantize_onnx
+
+    if not isinstance(data.train.x, torch.Tensor):  # a table's embedded categoricals: features and ids
+        raise ConfigError(
+            f"quantize.backend 'onnxruntime' exports a model of one input tensor; this one reads "
+            f"{', '.join(data.train.x)} (a table with categorical embeddings): use quantize.backend torchao, "
+            "or train with a data.one_hot_max above the largest category count"
+        )
 
     batches = [gather(data.train.x, data.train.lengths, chunk).cpu().numpy() for chunk in chunks]
     work.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from gradwise.config import ModelSection
 from gradwise.errors import ConfigError
 from gradwise.models.cnn import CNN
 from gradwise.models.mlp import MLP
+from gradwise.train.device import to_device
 
 # Group L1 magnitude of each unit's weights (Li et al. 2017 rank conv filters by their L1 norm).
 _NORM_P = 1
@@ -71,13 +72,17 @@ def prune_structured(
     # Trace in eval mode: a training-mode forward would update BatchNorm statistics and draw dropout noise.
     pruned.eval()
     device = next(pruned.parameters()).device
+    # A table's categorical embeddings come in a mapping: wrapped in a tuple, torch-pruning passes it whole
+    # (a bare dict would be spread as keyword arguments); the embedding tables are inputs, never pruned.
+    example = to_device(example_input, device, next(pruned.parameters()).dtype)
+    embeddings = list(getattr(pruned, "embeddings", []))
     pruner = tp.pruner.BasePruner(
         pruned,
-        example_input.to(device),
+        (example,) if isinstance(example, dict) else example,
         importance=tp.importance.MagnitudeImportance(p=_NORM_P),
         pruning_ratio=amount,
         global_pruning=False,  # every layer loses the same fraction, so the result is a plain config
-        ignored_layers=[pruned.head],
+        ignored_layers=[pruned.head, *embeddings],
     )
     pruner.step()
     pruned.train(was_training)

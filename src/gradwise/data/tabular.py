@@ -181,7 +181,12 @@ def table_inputs(info: DataInfo, table: Table) -> tuple[torch.Tensor | dict[str,
         DataError: a column the run needs is missing, or a cell cannot be read; the message names the row.
     """
     if info.preprocessing is not None:
-        needed = [name for name in input_columns(info.preprocessing) if name in table.names]
+        needed = input_columns(info.preprocessing)
+        missing = [name for name in needed if name not in table.names]
+        if missing:  # every missing column at once, before any cell is read
+            shown = ", ".join(repr(name) for name in missing)
+            present = ", ".join(table.names[:20])
+            raise DataError(f"{table.source}: no column {shown}; the run was trained with it (columns: {present})")
         encoded = encode(info.preprocessing, {n: table.column(n) for n in needed}, table.source, table.locate)
         return encoded.inputs(), encoded.unknown
     blocks = [_feature_column(table, name) for name in info.feature_names]
