@@ -33,7 +33,7 @@ import tokenizers
 
 from gradwise.data.corpus import EOT, default_cache_root, split_files, train_tokenizer
 from gradwise.data.sources import TextFilesData
-from gradwise.data.text_sources import PIECE_BYTES, Piece, expand_paths, read_pieces, source_files
+from gradwise.data.text_sources import PIECE_BYTES, Piece, expand_paths, read_pieces, source_files, split_text
 from gradwise.data.token_files import TokenWriter, block_split, token_dtype
 from gradwise.data.types import DataInfo, Dataset, Split
 from gradwise.errors import ConfigError, DataError
@@ -42,7 +42,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 DOCUMENT_PIECE_BYTES = 64 << 10  # split by document: a long plain text goes to the splits in pieces this size
 DEFAULT_VOCAB_SIZE = 4096
-ENCODE_CHARS = 1 << 20  # characters encoded in one batch
+ENCODE_CHARS = 1 << 16  # characters encoded in one batch (a tokenizer's encodings take ~100 bytes a token)
+PART_CHARS = 1 << 14  # a tokenizer gets texts at most about this long (the BPE trainer buffers 256 of them)
 
 
 @dataclass(frozen=True)
@@ -243,14 +244,15 @@ def build_token_files(directory: Path, cfg: TextFilesData, seed: int, sources: l
         documents = dict.fromkeys(SPLITS, 0)
         with ExitStack() as stack:
             writers = {name: stack.enter_context(TokenWriter(staging / f"{name}.bin", dtype)) for name in SPLITS}
-            batch: list[tuple[str, Piece, bool]] = []
+            batch: list[tuple[str, str, bool]] = []
             chars = 0
-            for routed in routed_pieces(cfg, sources, routing):
-                batch.append(routed)
-                chars += len(routed[1].text)
-                if chars >= ENCODE_CHARS:
-                    _write(batch, tokenizer, writers, documents)
-                    batch, chars = [], 0
+            for split, piece, starts in routed_pieces(cfg, sources, routing):
+                for i, part in enumerate(split_text(piece.text, PART_CHARS)):
+                    batch.append((split, part, starts and i == 0))
+                    chars += len(part)
+                    if chars >= ENCODE_CHARS:
+                        _write(batch, tokenizer, writers, documents)
+                        batch, chars = [], 0
             _write(batch, tokenizer, writers, documents)
         if documents["train"] == 0:
             raise _no_training_text(cfg)
@@ -276,14 +278,15 @@ def build_token_files(directory: Path, cfg: TextFilesData, seed: int, sources: l
 
 
 def _write(
-    batch: list[tuple[str, Piece, bool]],
+    batch: list[tuple[str, str, bool]],
     tokenizer: TextTokenizer,
     writers: dict[str, TokenWriter],
     documents: dict[str, int],
 ) -> None:
+    """Encode ``(split, text, starts a document)`` parts and append their ids to their splits' files."""
     if not batch:
         return
-    for (split, _, starts), ids in zip(batch, tokenizer.encode([p.text for _, p, _ in batch]), strict=True):
+    for (split, _, starts), ids in zip(batch, tokenizer.encode([text for _, text, _ in batch]), strict=True):
         if starts:
             writers[split].extend([tokenizer.eot_id])
             documents[split] += 1
@@ -302,7 +305,7 @@ def _tokenizer(
         for split, piece, _ in routed_pieces(cfg, sources, routing):
             if split == "train":
                 seen["chars"] += len(piece.text)
-                yield piece.text
+                yield from split_text(piece.text, PART_CHARS)
 
     bpe = train_tokenizer(training_texts(), cfg.vocab_size or DEFAULT_VOCAB_SIZE)
     if seen["chars"] == 0:

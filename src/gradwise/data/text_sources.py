@@ -24,7 +24,7 @@ from gradwise.errors import DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 DATASET_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside its *.arrow files
-PIECE_BYTES = 4 << 20  # a plain text file is read this much at a time
+PIECE_BYTES = 1 << 20  # a plain text file is read this much at a time
 ROWS_PER_BATCH = 1024
 
 
@@ -116,13 +116,43 @@ def _plain_pieces(path: Path, piece_bytes: int) -> Iterator[Piece]:
 
 
 def _safe_cut(data: bytes) -> int:
-    """Just after the last ``"\\n"`` with a non-blank byte on each side, or 0 if there is none."""
+    """Just after the last ``"\\n"`` with a printable ASCII non-blank byte on each side, or 0 if there is none.
+
+    Non-ASCII neighbours are refused: a multi-byte character may be a Unicode space the
+    pre-tokenizer's ``\\s`` matches.
+    """
     at = len(data) - 1
     while True:
         at = data.rfind(b"\n", 1, at)
         if at <= 0 or at + 1 >= len(data):
             return 0
-        if not data[at - 1 : at].isspace() and not data[at + 1 : at + 2].isspace():
+        if 0x21 <= data[at - 1] <= 0x7E and 0x21 <= data[at + 1] <= 0x7E:
+            return at + 1
+
+
+def split_text(text: str, size: int) -> Iterator[str]:
+    """``text`` in parts of about ``size`` characters, cut where :func:`_safe_cut` would cut (joined, the text).
+
+    Tokenizers get a long text a part at a time: their buffers and encodings then stay small.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = _safe_cut_text(text, start, start + size) or _safe_cut_text(text, start + size, len(text))
+        if not cut:
+            break
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
+def _safe_cut_text(text: str, start: int, stop: int) -> int:
+    at = stop - 1
+    while True:
+        at = text.rfind("\n", start + 1, at)
+        if at <= start or at + 1 >= len(text):
+            return 0
+        if "!" <= text[at - 1] <= "~" and "!" <= text[at + 1] <= "~":
             return at + 1
 
 

@@ -16,7 +16,7 @@ non-overlapping windows of ``seq_len + 1`` tokens, inputs ``block[:-1]`` and tar
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHUNK_TOKENS = 1 << 20  # ids buffered before a write: 2-4 MB whatever the corpus size
+CHUNK_TOKENS = 1 << 19  # ids buffered before a write: 1-2 MB whatever the corpus size
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -43,7 +43,8 @@ class TokenWriter:
         self.dtype = dtype
         self.n_tokens = 0
         self._chunk = chunk
-        self._buffer: list[int] = []
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
         self._file = open(path, "wb")  # closed in __exit__
 
     def __enter__(self) -> TokenWriter:
@@ -58,17 +59,20 @@ class TokenWriter:
         finally:
             self._file.close()
 
-    def extend(self, ids: Iterable[int]) -> None:
+    def extend(self, ids: Sequence[int]) -> None:
         """Append ``ids`` (written out once the buffer holds ``chunk`` of them)."""
-        self._buffer.extend(ids)
-        if len(self._buffer) >= self._chunk:
+        # Held as arrays of the stored dtype: a list of Python ints would take 36 bytes an id.
+        self._buffer.append(np.asarray(ids, dtype=self.dtype))
+        self._buffered += len(ids)
+        if self._buffered >= self._chunk:
             self._flush()
 
     def _flush(self) -> None:
-        if self._buffer:
-            self._file.write(np.asarray(self._buffer, dtype=self.dtype).tobytes())
-            self.n_tokens += len(self._buffer)
-            self._buffer.clear()
+        for array in self._buffer:
+            self._file.write(array.data)
+        self.n_tokens += self._buffered
+        self._buffer.clear()
+        self._buffered = 0
 
 
 @dataclass(frozen=True)
