@@ -177,10 +177,12 @@ def write_recipe(project: Path, **data) -> Path:
 def test_gradwise_train_on_text_files_end_to_end(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setenv("GRADWISE_CACHE", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "project")  # data.paths are read relative to the working directory, as data.path
+    assert main(["train", str(recipe), "name=tf"]) == 0
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # data.paths are read relative to the recipe, not the working directory
-    assert main(["train", str(recipe), "name=tf"]) == 0
+    (tmp_path / "project" / "runs").rename(elsewhere / "runs")
+    monkeypatch.chdir(elsewhere)  # the saved config holds them absolute: the run is read from anywhere
     run = elsewhere / "runs" / "tf"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final"]["val_perplexity"] > 0 and summary["unigram_perplexity"]["split"] == "test"
@@ -197,7 +199,7 @@ def test_text_files_resume_is_bit_exact(tmp_path: Path, monkeypatch):
     raw = json.loads(recipe.read_text())
     raw["stop"]["max_steps"] = 12
     raw["batch"] = {"size": 8, "accumulate": 2}
-    cfg = validate(raw, source=str(recipe))
+    cfg = validate(raw, source=str(recipe), base_dir=recipe.parent)
     fit(cfg, tmp_path / "whole")
     calls = {"n": 0}
 

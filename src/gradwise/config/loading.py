@@ -162,11 +162,11 @@ def _decode(path: Path, data: bytes) -> str:
 def validate(raw: dict[str, Any], source: str = "config", *, base_dir: Path | None = None) -> RunConfig:
     """Validate a raw mapping into a RunConfig, or raise one ConfigError line.
 
-    Data paths that a section reads relative to the config (``text_files``' ``paths``) are made
-    absolute against ``base_dir``: by default the directory of ``source`` when it names a YAML file.
+    Relative data paths that a section anchors (``text_files``' ``paths`` and ``tokenizer``) are made
+    absolute against ``base_dir``, by default the working directory, as ``data.path`` is read: an
+    override typed on the command line means what it says whichever recipe it changes (a bundled
+    recipe's own directory is inside the package), and the saved config resumes from anywhere.
     """
-    if base_dir is None and source.endswith((".yaml", ".yml")) and Path(source).is_file():
-        base_dir = Path(source).resolve().parent
     try:
         return RunConfig.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:

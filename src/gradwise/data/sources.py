@@ -105,8 +105,8 @@ class PythonSourceData(DataSection):
 class TextFilesData(DataSection):
     """``text_files``: the user's own texts for language modeling, tokenized once into memory-mapped token files.
 
-    ``paths`` is a glob or a list of globs (``docs/**/*.md``), relative to the config file's directory or
-    absolute. A ``.jsonl`` file holds one JSON object a line with the text in ``text_field``; ``.parquet``
+    ``paths`` is a glob or a list of globs (``docs/**/*.md``), relative to the working directory (as
+    ``data.path`` is) or absolute; the saved config holds them absolute. A ``.jsonl`` file holds one JSON object a line with the text in ``text_field``; ``.parquet``
     and ``.arrow`` files and directories written by ``datasets.Dataset.save_to_disk`` hold it in the
     ``text_field`` column; any other file is plain UTF-8 text (``.txt``, ``.md``, ``.py`` ...).
     ``tokenizer`` ``bpe`` trains a byte-level BPE of ``vocab_size`` (default 4096) on the training files;
@@ -147,10 +147,10 @@ class TextFilesData(DataSection):
 
 
 def _anchored(path: str, info: ValidationInfo) -> str:
-    """``path`` made absolute against the config file's directory (validation context ``base_dir``), if given."""
-    base = (info.context or {}).get("base_dir")
+    """``path`` made absolute against the validation context's ``base_dir`` (default: the working directory)."""
+    base = (info.context or {}).get("base_dir") or Path.cwd()
     expanded = Path(path).expanduser()
-    return str(Path(base) / expanded) if base is not None and not expanded.is_absolute() else str(expanded)
+    return str(expanded if expanded.is_absolute() else Path(base) / expanded)
 
 
 ColumnKindSetting = Literal["numeric", "categorical", "boolean", "datetime", "text", "id"]
