@@ -106,9 +106,10 @@ class TextFilesData(DataSection):
     """``text_files``: the user's own texts for language modeling, tokenized once into memory-mapped token files.
 
     ``paths`` is a glob or a list of globs (``docs/**/*.md``), relative to the working directory (as
-    ``data.path`` is) or absolute; the saved config holds them absolute. A ``.jsonl`` file holds one JSON object a line with the text in ``text_field``; ``.parquet``
-    and ``.arrow`` files and directories written by ``datasets.Dataset.save_to_disk`` hold it in the
-    ``text_field`` column; any other file is plain UTF-8 text (``.txt``, ``.md``, ``.py`` ...).
+    ``data.path`` is) or absolute; the saved config holds them absolute. A ``.jsonl`` file holds one
+    JSON object a line with the text in ``text_field``; ``.parquet`` and ``.arrow`` files and
+    directories written by ``datasets.Dataset.save_to_disk`` hold it in the ``text_field`` column;
+    any other file is plain UTF-8 text (``.txt``, ``.md``, ``.py`` ...).
     ``tokenizer`` ``bpe`` trains a byte-level BPE of ``vocab_size`` (default 4096) on the training files;
     otherwise it is a local directory of tokenizer files (a saved Hugging Face tokenizer or model).
     Whole files go to train/validation/test by the seed; with fewer files than splits, documents
