@@ -7,7 +7,7 @@ import torch
 from torch.optim import lr_scheduler
 
 from gradwise.config import ScheduleConfig
-from gradwise.optim.schedules import LRSchedule, schedule_multiplier
+from gradwise.optim.schedules import LRSchedule, schedule_multiplier, warmup_length
 
 
 def _values(cfg: ScheduleConfig, total: int, steps: int | None = None) -> list[float]:
@@ -157,6 +157,16 @@ def test_warmup_shifts_the_main_schedule():
     assert ours[:5] == _approx([0.2, 0.4, 0.6, 0.8, 1.0])
     expected = _torch_lrs(lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=20, eta_min=0.1), 20)
     assert ours[5:] == pytest.approx(expected, rel=1e-9)
+
+
+def test_warmup_fraction_sizes_the_warmup_by_the_runs_length():
+    # 0.2 of 25 steps is the 5-step warmup above, the same multipliers to the last digit.
+    by_steps = _values(ScheduleConfig(name="cosine", warmup_steps=5, min_lr_ratio=0.1), 25)
+    assert _values(ScheduleConfig(name="cosine", warmup_fraction=0.2, min_lr_ratio=0.1), 25) == by_steps
+    assert warmup_length(ScheduleConfig(warmup_fraction=0.05), 500) == 25
+    assert warmup_length(ScheduleConfig(warmup_fraction=0.05), 4) == 1  # never rounds a warmup away
+    with pytest.raises(ValueError, match="set one"):
+        ScheduleConfig(warmup_steps=5, warmup_fraction=0.1)
 
 
 # --------------------------------------------------------------------------- plateau

@@ -74,11 +74,14 @@ class TaskConfig(Section):
 class ScheduleConfig(Section):
     """Learning-rate schedule as a multiplier on ``optim.lr`` per optimizer step.
 
-    ``warmup_steps`` puts a linear warmup in front of any schedule.
+    ``warmup_steps`` puts a linear warmup in front of any schedule; ``warmup_fraction`` sizes it as a
+    fraction of the run's optimizer steps instead (rounded, at least one step when above 0), so a recipe
+    keeps its shape on a table of any size or a shortened run.
     """
 
     name: ScheduleName = "constant"
     warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     gamma: PositiveFloat | None = None  # > 1 grows the LR (exponential): the LR range test does
     step_size: PositiveInt | None = None
     milestones: list[PositiveInt] = []
@@ -96,6 +99,8 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleConfig:
+        if self.warmup_steps and self.warmup_fraction:
+            raise ValueError("schedule.warmup_steps and schedule.warmup_fraction both size the warmup; set one")
         if self.name == "exponential" and self.gamma is None:
             raise ValueError("schedule.gamma is required for 'exponential' (the per-step factor, e.g. 0.999)")
         if self.name == "step" and self.step_size is None:
@@ -478,8 +483,11 @@ class RunConfig(Section):
             raise ValueError(
                 f"model.name {self.model.name!r} cannot be sharded with distributed.strategy=fsdp; use ddp"
             )
-        if self.schedule.name == "onecycle" and self.schedule.warmup_steps:
-            raise ValueError("schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps at 0")
+        if self.schedule.name == "onecycle" and (self.schedule.warmup_steps or self.schedule.warmup_fraction):
+            raise ValueError(
+                "schedule 'onecycle' has its own warmup (pct_start); leave schedule.warmup_steps and "
+                "schedule.warmup_fraction at 0"
+            )
         return self
 
 

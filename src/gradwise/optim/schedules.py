@@ -50,12 +50,19 @@ def schedule_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> flo
         raise ValueError(f"step must be >= 0, got {step}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    warmup = cfg.warmup_steps
+    warmup = warmup_length(cfg, total_steps)
     if step < warmup:
         return (step + 1) / warmup
     span = max(total_steps - warmup, 1)
     t = min(step - warmup, span)
     return _main(t, span, cfg)
+
+
+def warmup_length(cfg: ScheduleConfig, total_steps: int) -> int:
+    """Warmup steps: ``warmup_steps``, or ``warmup_fraction`` of ``total_steps`` (rounded, at least 1 when > 0)."""
+    if cfg.warmup_fraction > 0:
+        return max(1, round(cfg.warmup_fraction * total_steps))
+    return cfg.warmup_steps
 
 
 def _main(t: int, span: int, cfg: ScheduleConfig) -> float:

@@ -18,6 +18,7 @@ from gradwise.data.types import DataInfo
 from gradwise.errors import ConfigError, GradwiseWarning
 from gradwise.models import build_model
 from gradwise.optim import GradientNoise, LRSchedule, build_optimizer
+from gradwise.optim.schedules import warmup_length
 from gradwise.optim.transforms import GradientChain, gradient_chain
 from gradwise.tasks import Task, build_task
 from gradwise.train.adapt import adapt_structure, model_dir, prepare_for_training
@@ -227,11 +228,12 @@ def _resolve_monitor(cfg: RunConfig, task: Task, model: nn.Module, data: Dataset
 def _check_plan(cfg: RunConfig, model: nn.Module, plan: BatchPlan, total_steps: int) -> None:
     """Refuse settings that would crash mid-run or silently do nothing over this run's length."""
     sched = cfg.schedule
-    if sched.warmup_steps >= total_steps:
-        raise ConfigError(
-            f"schedule.warmup_steps: got {sched.warmup_steps}, but the run has only {total_steps} optimizer steps"
-        )
-    after_warmup = total_steps - sched.warmup_steps
+    warmup = warmup_length(sched, total_steps)
+    if warmup >= total_steps:
+        asked = f"{sched.warmup_fraction} ({warmup} steps)" if sched.warmup_fraction else str(warmup)
+        setting = "warmup_fraction" if sched.warmup_fraction else "warmup_steps"
+        raise ConfigError(f"schedule.{setting}: got {asked}, but the run has only {total_steps} optimizer steps")
+    after_warmup = total_steps - warmup
     # A decay that never fires is likely a shortened run (e.g. stop.epochs=1 for a smoke test): warn, don't refuse.
     if sched.name == "multistep" and sched.milestones[0] >= after_warmup:
         warnings.warn(
