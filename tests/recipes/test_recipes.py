@@ -38,12 +38,6 @@ def test_required_recipes_ship():
 
 
 @pytest.mark.slow
-def test_digits_cnn_reaches_97_percent(tmp_path: Path):
-    summary = train_recipe("digits-cnn", tmp_path)
-    assert summary["final"]["test_accuracy"] >= 0.97
-
-
-@pytest.mark.slow
 def test_digits_mlp_reaches_95_percent(tmp_path: Path):
     summary = train_recipe("digits-mlp", tmp_path)
     assert summary["final"]["test_accuracy"] >= 0.95
