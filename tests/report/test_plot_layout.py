@@ -175,3 +175,59 @@ def test_trials_plot_title_fits(study_name: str, monkeypatch: pytest.MonkeyPatch
     fig = saved[0]
     assert_readable(fig)
     assert study_name in fig.axes[0].get_title().replace("\n", "")  # wrapped, not cut
+
+
+# --------------------------------------------------------------------------- a run's plots, comparisons, lr-find
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two short digits runs (10 classes: the confusion matrix has its full set of tick labels)."""
+    from gradwise.cli import main
+
+    tmp = tmp_path_factory.mktemp("runs")
+    quick = ["stop.epochs=3", "log.progress=false", "log.plots=false", f"out_dir={tmp}"]
+    assert main(["train", "digits-mlp", *quick, "name=adam-with-a-rather-long-strategy-name"]) == 0
+    assert main(["train", "digits-mlp", *quick, "optim.name=sgd", "optim.lr=0.1", "name=sgd"]) == 0
+    return tmp / "adam-with-a-rather-long-strategy-name", tmp / "sgd"
+
+
+def test_a_runs_plots_are_readable(two_runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = _capture(monkeypatch, plots_module)
+    written = plots_module.write_run_plots(two_runs[0])
+    assert {p.name for p in written} >= {"loss.png", "lr.png", "confusion.png"}
+    assert len(saved) == len(written)
+    for fig in saved:
+        assert_readable(fig)
+
+
+def test_comparison_and_seed_curves_are_readable(two_runs, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gradwise.report.curves import write_compare_plot
+
+    saved = _capture(monkeypatch, plots_module)
+    import gradwise.report.curves as curves_module
+
+    monkeypatch.setattr(curves_module, "_save", plots_module._save)  # curves imported _save by name
+    adam, sgd = two_runs
+    plots_module.write_comparison_plot({adam.name: adam, "sgd": sgd}, tmp_path / "comparison.png", "val_accuracy")
+    write_compare_plot({adam.name: [adam], "sgd": [sgd]}, tmp_path / "compare.png", "val_accuracy",
+                       target="val_accuracy>=0.9")  # fmt: skip
+    assert (tmp_path / "comparison.png").exists() and (tmp_path / "compare.png").exists()
+    assert len(saved) == 2
+    for fig in saved:
+        assert_readable(fig)
+
+
+def test_the_lr_finder_plot_is_readable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import numpy as np
+
+    from gradwise.experiments.lr_find import smooth_losses, steepest_descent, write_lr_plot
+
+    saved = _capture(monkeypatch, plots_module)
+    lrs = list(np.geomspace(1e-6, 10, 100))
+    losses = [2.3 - 1.5 / (1 + np.exp(-(np.log10(lr) + 3))) + (0.0 if lr < 1 else 5 * lr) for lr in lrs]
+    smoothed = smooth_losses(losses)
+    title = "LR range test of minilm-topics-lora-with-a-long-recipe-name: 100 steps from 1e-06 to 10"
+    write_lr_plot(lrs, losses, smoothed, steepest_descent(lrs, smoothed), tmp_path / "lr_find.png", title=title)
+    assert len(saved) == 1
+    assert_readable(saved[0])

@@ -8,11 +8,13 @@ picture of how large a difference is next to the seed noise.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from gradwise.config import monitor_mode
 from gradwise.report.plots import (
@@ -148,7 +150,9 @@ def _final_panel(ax: Axes, finals: dict[str, list[float]], primary: str, cmap: o
         std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         ax.errorbar([values.mean()], [i], xerr=[std], fmt="o", color=color, ms=7, capsize=4)
         ax.plot(values, np.full(len(values), i) + 0.18, "x", color=color, ms=5, alpha=0.8)
-    ax.set_yticks(range(len(names)), names)
+    # Long strategy names are wrapped: unwrapped they push the panel, and its title, off the figure's edge.
+    ax.set_yticks(range(len(names)), [textwrap.fill(name, 22) for name in names])
     ax.invert_yaxis()
-    ax.set(title=f"final {primary}: mean ± std (o), seeds (x)", xlabel=_metric_label(primary))
+    ax.set(title=f"final {primary}:\nmean ± std (o), seeds (x)", xlabel=_metric_label(primary))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a narrow panel: four-decimal ticks would touch
     ax.grid(alpha=0.3, axis="x")
