@@ -217,3 +217,36 @@ def test_regression_target_is_standardized_and_outputs_come_back_in_its_units(tm
     meter = task.new_meter()
     meter.update(out, data.test.y)
     assert meter.compute()["mse"] == pytest.approx(((out - data.test.y) ** 2).mean().item(), rel=1e-5)
+
+
+def test_dates_as_real_files_write_them():
+    # One date per row is a daily series, not a row id.
+    daily = np.array([str(d.date()) for d in pd.date_range("2024-01-01", periods=300)], dtype=object)
+    assert detect_kind("when", daily) == ("datetime", "dates")
+    # Local times either side of a daylight-saving change: offsets differ, the instants are read in UTC.
+    local = np.array(["2024-03-30T12:00:00+0100", "2024-04-01T12:00:00+0200"], dtype=object)
+    record = tabular.fit({"t": local}, {"t": "datetime"}, np.arange(2), tabular.Settings(standardize=False), "t")
+    assert tabular.encode(record, {"t": local}, "t", str).dense[:, 3].tolist() == [11.0, 10.0]  # hours, UTC
+    # No year, no date: a time of day would be read as today's date, a fraction as a day in year 1.
+    assert detect_kind("slot", np.array(["10:30", "11:00", "14:15"] * 10, dtype=object))[0] == "categorical"
+    assert detect_kind("share", np.array(["1/2", "3/4", "1/4"] * 10, dtype=object))[0] == "categorical"
+    # A cell that is there but is no date is an error naming the row (never silently imputed).
+    with pytest.raises(DataError, match=r"column 't' row 2: 'soon' is not a date"):
+        tabular.encode(record, {"t": np.array(["2024-03-30", "soon"], dtype=object)}, "t", lambda i: f"row {i + 1}")
+
+
+def test_missing_tokens_are_gaps_in_categories_and_booleans():
+    """R writes NA for a gap, UCI files '?': a category so named keeps its information in the indicator."""
+    sex = np.array(["male", "NA", "female", "?", "male"], dtype=object)
+    assert detect_kind("sex", sex) == ("categorical", "2 categories")
+    record = tabular.fit({"sex": sex}, {"sex": "categorical"}, np.arange(5), tabular.Settings(), "t")
+    (col,) = record["columns"]
+    assert col["categories"] == ["female", "male"] and col["fill"] == "male" and col["indicator"]
+    reference = SimpleImputer(strategy="most_frequent").fit_transform(
+        pd.DataFrame({"sex": [v if v not in ("NA", "?") else np.nan for v in sex]})
+    )
+    assert reference.ravel().tolist() == ["male", "male", "female", "male", "male"]
+    flags = np.array(["yes", "NA", "no"], dtype=object)
+    assert detect_kind("member", flags)[0] == "boolean"
+    record = tabular.fit({"m": flags}, {"m": "boolean"}, np.arange(3), tabular.Settings(standardize=False), "t")
+    assert tabular.encode(record, {"m": flags}, "t", str).dense[:, 1].tolist() == [0.0, 1.0, 0.0]

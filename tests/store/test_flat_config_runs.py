@@ -38,3 +38,23 @@ def test_eval_and_a_branch_from_last_work_on_the_old_run(old_run, tmp_path, monk
     assert main(["resume", str(old_run), "--from-checkpoint", "last", "stop.max_steps=6", "log.plots=false"]) == 0
     out = capsys.readouterr().out
     assert "completed" in out
+
+
+def test_a_regression_run_from_before_target_standardization_evaluates_as_it_trained(tmp_path, capsys):
+    """Its config has no data.standardize_target (every field is saved, so absent means older): it trained
+    on the raw target, and must not be rebuilt with today's default (outputs mapped back a second time)."""
+    import json
+
+    args = ["diabetes-regression", "data.standardize_target=false", "stop.epochs=3", "log.progress=false"]
+    assert main(["train", *args, "log.plots=false", f"out_dir={tmp_path}", "name=old"]) == 0
+    run = tmp_path / "old"
+    config = run / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if "standardize_target" not in line))
+    info = json.loads((run / "data_info.json").read_text())
+    (run / "data_info.json").write_text(json.dumps({k: v for k, v in info.items() if not k.startswith("target_")}))
+    assert read_saved_config(config)["data"]["standardize_target"] is False
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluated["test_r2"] == pytest.approx(summary["final"]["test_r2"], abs=1e-9)

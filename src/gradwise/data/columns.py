@@ -17,6 +17,7 @@ and ``data.columns`` overrides it per column. The rules, in order:
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Literal
 
@@ -91,12 +92,15 @@ def datetimes(values: np.ndarray) -> pd.DatetimeIndex:
     if values.dtype.kind == "M":
         return pd.DatetimeIndex(values)
     cells = pd.Series([c if c is not None else None for c in texts(values)], dtype=object)
+    return pd.DatetimeIndex(_parse_dates(cells).dt.tz_localize(None))
+
+
+def _parse_dates(cells: pd.Series) -> pd.Series:
+    """Texts as UTC timestamps (NaT where not a date). Cells with offsets become UTC, so local times either
+    side of a daylight-saving change (+0100 and +0200 in one column) compare; cells without are taken as UTC."""
     with warnings.catch_warnings():  # "could not infer format": mixed formats are tried element by element
         warnings.simplefilter("ignore")
-        parsed = pd.to_datetime(cells, errors="coerce", format="mixed")
-    if getattr(parsed.dt, "tz", None) is not None:
-        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-    return pd.DatetimeIndex(parsed)
+        return pd.to_datetime(cells, errors="coerce", format="mixed", utc=True)
 
 
 def detect_kind(name: str, values: np.ndarray, *, allow_id: bool = True) -> tuple[ColumnKind, str]:
@@ -114,14 +118,14 @@ def detect_kind(name: str, values: np.ndarray, *, allow_id: bool = True) -> tupl
         return "id", reason
     if kind in "iuf":
         return "numeric", "numbers"
-    cells = [c for c in texts(values) if c is not None]
+    cells = [c for c in texts(values) if c is not None and c.lower() not in MISSING_TOKENS]
     if not cells:
         return "numeric", "no values"  # all missing: refused later with the column's name
     if all(c.lower() in _TRUE or c.lower() in _FALSE for c in cells):
         return "boolean", "true/false texts"
-    if all(c.lower() in MISSING_TOKENS or _is_number(c) for c in cells):
+    if all(_is_number(c) for c in cells):
         return "numeric", "numbers"
-    if _looks_like_dates(cells):
+    if looks_like_dates(cells):
         return "datetime", "dates"
     distinct = len(set(cells))
     words = float(np.median([len(c.split()) for c in cells]))
@@ -132,6 +136,9 @@ def detect_kind(name: str, values: np.ndarray, *, allow_id: bool = True) -> tupl
     return "categorical", f"{distinct} categories"
 
 
+_DATE_WITH_YEAR = re.compile(r"\d{4}|\b\d{1,2}[-/.]\d{1,2}[-/.]\d{2}\b")
+
+
 def _is_number(text: str) -> bool:
     """A number, infinities included (a numeric column with an ``inf`` cell is refused by name, not re-kinded)."""
     try:
@@ -140,12 +147,11 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _looks_like_dates(cells: list[str], sample: int = 200) -> bool:
+def looks_like_dates(cells: list[str], sample: int = 200) -> bool:
     """Texts with digits and a date separator that pandas reads as timestamps (a sample decides)."""
     picked = cells[:: max(1, len(cells) // sample)][:sample]
-    if not all(any(ch.isdigit() for ch in c) and any(sep in c for sep in "-/:") for c in picked):
+    # A date names its year: a time alone ("10:30") would be read as today's date, a fraction or a range
+    # ("1/2", "5-6") as a day of year 1; those are categories.
+    if not all(_DATE_WITH_YEAR.search(c) for c in picked):
         return False
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        parsed = pd.to_datetime(pd.Series(picked, dtype=object), errors="coerce", format="mixed")
-    return bool(parsed.notna().all())
+    return bool(_parse_dates(pd.Series(picked, dtype=object)).notna().all())

@@ -373,8 +373,11 @@ def row_id_reason(name: str, values: np.ndarray) -> str | None:
         return None
     # A distinct one-word text in every row ("A7-113") is a key; distinct sentences are free text.
     if np.all(np.isnan(numbers)) and len({str(v) for v in values}) == len(values):
-        if np.median([len(str(v).split()) for v in values]) < 2:
-            return "a different text in every row"
+        from gradwise.data.columns import looks_like_dates, texts  # columns builds on this module
+
+        cells = [c for c in texts(values) if c is not None]
+        if np.median([len(c.split()) for c in cells]) < 2 and not looks_like_dates(cells):
+            return "a different text in every row"  # one date per row is a daily series, not a key
     return None
 
 

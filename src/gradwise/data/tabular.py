@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from gradwise.data.columns import (
+    MISSING_TOKENS,
     ColumnKind,
     boolean_value,
     datetimes,
@@ -240,7 +241,7 @@ def _fit_column(
         col["fill"] = float(np.mean(seen) > 0.5) if seen.size else 0.0  # most frequent; a tie takes 0, the smaller
         col["indicator"] = settings.missing_indicator and bool(np.isnan(x[train]).any())
     elif kind == "categorical":
-        cells = texts(values)
+        cells = _category_cells(values)
         picked = [cells[i] for i in train.tolist()]
         present = [c for c in picked if c is not None]
         if not present:
@@ -251,7 +252,7 @@ def _fit_column(
         col["encoding"] = "one_hot" if len(categories) <= settings.one_hot_max else "embedding"
         col["indicator"] = settings.missing_indicator and len(present) < len(picked)
     elif kind == "datetime":
-        stamps = datetimes(values)
+        stamps = _dates(name, values, source, locate)
         seen = stamps[train][~stamps[train].isna()]
         if len(seen) == 0:
             raise DataError(f"{source}: column {name!r} has no dates in the training rows; exclude it (data.exclude)")
@@ -336,11 +337,11 @@ def _encode_column(
         missing = np.isnan(x)
         return np.where(missing, col["fill"], x)[:, None], missing
     if kind == "datetime":
-        stamps = datetimes(values)
+        stamps = _dates(name, values, source, locate)
         missing = np.asarray(stamps.isna())
         parts = _date_parts(stamps, col["parts"])
         return np.where(missing[:, None], np.asarray(col["fill"])[None, :], parts), missing
-    cells = texts(values)
+    cells = _category_cells(values)
     missing = np.array([c is None for c in cells], dtype=bool)
     index = {c: i + 1 for i, c in enumerate(col["categories"])}
     fill = index[col["fill"]]
@@ -371,12 +372,29 @@ def _numeric(name: str, values: np.ndarray, source: str, locate: Callable[[int],
     return x
 
 
+def _category_cells(values: np.ndarray) -> list[str | None]:
+    """A categorical column's cells as text, None where missing: an empty cell, or a token such as R's ``NA``
+    or UCI's ``?`` (a category really named so keeps its information in the missing-indicator column)."""
+    return [None if c is None or c.lower() in MISSING_TOKENS else c for c in texts(values)]
+
+
+def _dates(name: str, values: np.ndarray, source: str, locate: Callable[[int], str]) -> pd.DatetimeIndex:
+    """A datetime column's timestamps (NaT where missing); a cell that is there but no date is an error."""
+    stamps = datetimes(values)
+    if values.dtype.kind != "M":
+        shown = texts(values)
+        bad = [i for i in np.flatnonzero(np.asarray(stamps.isna())).tolist() if not is_missing_number_cell(shown[i])]
+        if bad:
+            raise DataError(f"{source}: column {name!r} {locate(bad[0])}: {shown[bad[0]]!r} is not a date")
+    return stamps
+
+
 def _boolean(name: str, values: np.ndarray, source: str, locate: Callable[[int], str]) -> np.ndarray:
     if values.dtype.kind == "b":
         return values.astype(np.float64)
     out = np.full(len(values), np.nan)
     for i, cell in enumerate(texts(values)):
-        if cell is None:
+        if is_missing_number_cell(cell):
             continue
         value = boolean_value(cell)
         if value is None:
