@@ -159,7 +159,8 @@ class Run:
         from gradwise.experiments.predict import predict_table
 
         predictions = predict_table(self.dir, _as_table(data), checkpoint, proba=proba)
-        frame = pd.DataFrame(predictions.columns)
+        # A DataFrame's own index comes back, so predictions align with (and can be assigned to) its rows.
+        frame = pd.DataFrame(predictions.columns, index=data.index if isinstance(data, pd.DataFrame) else None)
         frame.attrs["metrics"] = predictions.metrics
         frame.attrs["unknown"] = predictions.unknown
         return frame

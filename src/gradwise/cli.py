@@ -524,8 +524,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from gradwise.experiments.predict import csv_text, predict_file, write_predictions
+    from gradwise.errors import ConfigError
+    from gradwise.experiments.predict import OUTPUT_FORMATS, csv_text, predict_file, write_predictions
 
+    if args.out is not None and args.out.suffix.lower() not in OUTPUT_FORMATS:  # before the model is loaded
+        known = ", ".join(OUTPUT_FORMATS)
+        raise ConfigError(f"{args.out}: cannot tell the output format from the suffix; use one of {known}")
     predictions = predict_file(args.run_dir, args.input, args.checkpoint, proba=args.proba)
     for column, count in predictions.unknown.items():
         print(f"{args.input}: column {column!r}: {count} row(s) with a category never seen in training "

@@ -250,3 +250,17 @@ def test_missing_tokens_are_gaps_in_categories_and_booleans():
     assert detect_kind("member", flags)[0] == "boolean"
     record = tabular.fit({"m": flags}, {"m": "boolean"}, np.arange(3), tabular.Settings(standardize=False), "t")
     assert tabular.encode(record, {"m": flags}, "t", str).dense[:, 1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_na_in_a_numeric_target_is_a_gap_but_may_name_a_class(tmp_path: Path):
+    frame = messy_frame(120)
+    frame["price"] = (frame["size"].fillna(10) * 3).round(2).astype(object)
+    frame.loc[[3, 50], "price"] = "NA"
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    with pytest.warns(GradwiseWarning, match="2 rows have no value in the target 'price'"):
+        data = load_dataset(DataConfig(name="file", path=tmp_path / "r.csv", target="price"), "auto", seed=0)
+    assert data.info.kind == "regression" and len(data.train) + len(data.val) + len(data.test) == 118
+    frame["region"] = np.where(np.arange(120) % 3 == 0, "NA", "EU")  # North America, a class
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    data = load_dataset(DataConfig(name="file", path=tmp_path / "c.csv", target="region"), "auto", seed=0)
+    assert data.info.class_names == ["EU", "NA"]

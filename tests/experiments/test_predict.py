@@ -108,6 +108,13 @@ def test_regressor_predicts_in_the_targets_units(shop, tmp_path: Path):
     # The predictions are prices, not standardized values: scikit-learn's R² on them is eval's.
     assert r2_score(rows["price"], predicted["prediction"]) == pytest.approx(evaluated["test_r2"], abs=1e-5)
     assert evaluated["test_r2"] > 0.5
+    # A DataFrame's index comes back, so predictions can be assigned to a filtered frame's rows.
+    some = rows[rows["colour"] == "red"]
+    assert gradwise.load(run).predict(some).index.equals(some.index)
+    # An export keeps the encoding and the target's scale beside the weights.
+    assert main(["export", str(run), "-o", str(tmp_path / "exported")]) == 0
+    record = json.loads((tmp_path / "exported" / "data_info.json").read_text())
+    assert record["target_scale"] > 1 and record["preprocessing"]["columns"]
 
 
 @pytest.mark.filterwarnings("ignore:.*looks like a row id")
@@ -123,6 +130,8 @@ def test_new_rows_unseen_categories_and_bad_cells(shop, tmp_path: Path, capsys):
     predicted = pd.read_csv(pd.io.common.StringIO(out))
     assert predicted["order_id"].tolist() == new["order_id"].tolist() and len(predicted) == 5
     assert "column 'city': 1 row(s) with a category never seen in training" in err
+    # The unknown bucket of an embedding is zeros after training, as an unknown's one-hot columns are.
+    assert not gradwise.load(run).model.embeddings[0].weight[0].any()
     assert "column 'colour': 1 row(s)" in err and "scored" not in err
     # A cell that is not a number: one line naming the file, the column and the row; exit 2.
     new["size"] = new["size"].astype(object)
@@ -138,6 +147,11 @@ def test_new_rows_unseen_categories_and_bad_cells(shop, tmp_path: Path, capsys):
     with pytest.raises(DataError, match="'city'"):
         gradwise.load(run).predict(new.drop(columns=["city"]))
     assert main(["predict", str(run), str(tmp_path / "new.jsonl"), "-o", str(tmp_path / "p.txt")]) == 2
+    assert "cannot tell the output format" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), str(tmp_path / "new.jsonl")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert main(["predict", str(run), str(tmp_path / "new.jsonl"), "--proba"]) == 0  # a classifier: fine
+    capsys.readouterr()
 
 
 @pytest.fixture(scope="module")

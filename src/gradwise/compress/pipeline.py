@@ -17,6 +17,7 @@ Layout::
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -319,7 +320,7 @@ def _quantize(
         return quantize_model(model, spec, calibration if spec.method == "static" else None)
     from gradwise.compress.onnx_runtime import OnnxModule, export_onnx, quantize_onnx
 
-    if not isinstance(data.train.x, torch.Tensor):  # a table's embedded categoricals: features and ids
+    if isinstance(data.train.x, Mapping):  # a table's embedded categoricals: features and ids
         raise ConfigError(
             f"quantize.backend 'onnxruntime' exports a model of one input tensor; this one reads "
             f"{', '.join(data.train.x)} (a table with categorical embeddings): use quantize.backend torchao, "

@@ -65,7 +65,14 @@ class FileColumns:
         target = np.asarray(self.table.column(self.target))[: self.rows]
         if target.ndim != 1:
             return self
-        missing = np.array([_no_value(v) for v in target.tolist()], dtype=bool)
+        values = target.tolist()
+        missing = np.array([_no_value(v) for v in values], dtype=bool)
+        # "NA" may name a class, but in a column of numbers it is R's (or a spreadsheet's) gap.
+        tokens = np.array([_is_missing(v) for v in values], dtype=bool) & ~missing
+        if tokens.any():
+            rest = np.array([v for v, gap in zip(values, missing | tokens, strict=True) if not gap], dtype=object)
+            if rest.size and np.isfinite(_parse_numbers(rest)).all():
+                missing |= tokens
         if not missing.any():
             return self
         kept = np.flatnonzero(~missing)

@@ -18,6 +18,7 @@ from gradwise.store.files import atomic_write_text
 from gradwise.store.paths import audit_for_writing
 from gradwise.store.records import (
     COMPRESSION_FILE,
+    DATA_INFO_FILE,
     TOKENIZER_DIR,
     compressed_weight_file,
     copy_file_into,
@@ -92,9 +93,19 @@ def _export_quantized(run_dir: Path, out: Path) -> bool:
     for source in (weights, run_dir / COMPRESSION_FILE, run_dir / CONFIG_FILE):
         copy_file_into(source, out / source.name)
     copy_tree_into(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    _copy_data_record(run_dir, out)
     return True
 
 
 def _copy_extras(run_dir: Path, out: Path, cfg: RunConfig) -> None:
     atomic_write_text(out / CONFIG_FILE, to_yaml(cfg))
     copy_tree_into(run_dir / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    _copy_data_record(run_dir, out)
+
+
+def _copy_data_record(run_dir: Path, out: Path) -> None:
+    """``data_info.json`` beside the weights: a table's column encoding and a regression target's mean and
+    scale (the un-standardizing buffers are not in the weights file) are needed to use the model at all."""
+    record = run_dir / DATA_INFO_FILE
+    if record.is_file() and not record.is_symlink():
+        copy_file_into(record, out / DATA_INFO_FILE)

@@ -31,11 +31,13 @@ from gradwise.data.tabular import table_inputs
 from gradwise.data.targets import as_numbers, code_labels
 from gradwise.data.types import DataInfo
 from gradwise.errors import CheckpointError, ConfigError, DataError, GradwiseWarning
+from gradwise.store.records import TOKENIZER_DIR
+from gradwise.store.rundir import CONFIG_FILE
 from gradwise.train.device import autocast, to_device
 
 PREDICTION = "prediction"  # the output column of the predicted class or value
 PROBABILITY_PREFIX = "probability_"  # --proba: one column per class, this prefix and the class name
-OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 
 @dataclass
@@ -73,12 +75,16 @@ def predict_table(run_dir: Path, table: Table, checkpoint: str = "best", *, prob
         ConfigError: the run is not one that predicts per row (a language model generates instead).
         DataError: a column the run reads is missing, or a cell cannot be read (the message names the row).
     """
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     info = read_data_info(run_dir)
     if info is None:
         raise CheckpointError(f"{run_dir}: the run predates data_info.json, so new rows cannot be encoded as it was")
     _check_predictable(info, run_dir)
+    if proba and info.kind == "regression":
+        raise ConfigError("--proba applies to classification runs; this run predicts a number")
     cfg, _, model, task, device = load_run_model(run_dir, checkpoint, with_data=False)
-    inputs, lengths, unknown = _inputs(info, cfg, table)
+    inputs, lengths, unknown = _inputs(info, cfg, table, run_dir)
     targets = _targets(info, table)
     meter = task.new_meter() if targets is not None else None
     n = _row_count(inputs)
@@ -146,10 +152,10 @@ def _check_predictable(info: DataInfo, run_dir: Path) -> None:
         raise ConfigError(f"{run_dir}: a chat model generates replies; use gradwise generate {run_dir}")
 
 
-def _inputs(info: DataInfo, cfg: Any, table: Table) -> tuple[Any, torch.Tensor | None, dict[str, int]]:
+def _inputs(info: DataInfo, cfg: Any, table: Table, run_dir: Path) -> tuple[Any, torch.Tensor | None, dict[str, int]]:
     """The model's inputs for every row of ``table``, the token lengths for a text run, and unseen categories."""
     if info.tokenizer_dir is not None and info.feature_names == ["text"]:
-        x, lengths = _text_inputs(info, cfg, table)
+        x, lengths = _text_inputs(cfg, table, run_dir)
         return x, lengths, {}
     if info.preprocessing is None and not any(name in table.names for name in info.feature_names):
         return _array_inputs(info, table), None, {}
@@ -157,7 +163,9 @@ def _inputs(info: DataInfo, cfg: Any, table: Table) -> tuple[Any, torch.Tensor |
     return inputs, None, unknown
 
 
-def _text_inputs(info: DataInfo, cfg: Any, table: Table) -> tuple[torch.Tensor, torch.Tensor]:
+def _text_inputs(cfg: Any, table: Table, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the text column, by the run's own copy of its tokenizer (``RUN/tokenizer``), never a path
+    a run file names: what a run directory says is read only inside it."""
     from gradwise.data.text import _text_cell, load_tokenizer, tokenize_texts
 
     column = getattr(cfg.data, "text", None) or "text"
@@ -165,8 +173,10 @@ def _text_inputs(info: DataInfo, cfg: Any, table: Table) -> tuple[torch.Tensor, 
         raise DataError(f"{table.source}: no column {column!r}; the run reads its text from it")
     values = table.column(column)
     texts = [_text_cell(values[i], column, table.source, table.locate(i)) for i in range(len(values))]
-    assert info.tokenizer_dir is not None
-    return tokenize_texts(load_tokenizer(Path(info.tokenizer_dir)), texts, cfg.data.max_length)
+    tokenizer_dir = run_dir / TOKENIZER_DIR
+    if not (tokenizer_dir / "tokenizer_config.json").is_file() and not (tokenizer_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{run_dir}: no {TOKENIZER_DIR}/ with the run's tokenizer, so texts cannot be encoded")
+    return tokenize_texts(load_tokenizer(tokenizer_dir), texts, cfg.data.max_length)
 
 
 def _array_inputs(info: DataInfo, table: Table) -> torch.Tensor:

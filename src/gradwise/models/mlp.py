@@ -84,7 +84,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
-        self.embeddings = nn.ModuleList([nn.Embedding(n, dim) for n, dim in embeddings or []])
+        # Id 0 is the unknown bucket (a category never seen in training): no training row reaches it, so it is
+        # held at zeros (padding_idx) — the embedding's "all zeros", as a one-hot column's unknown is.
+        self.embeddings = nn.ModuleList([nn.Embedding(n, dim, padding_idx=0) for n, dim in embeddings or []])
         width = n_features + sum(dim for _, dim in embeddings or [])
         for size in hidden:
             layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(width, size))
