@@ -250,3 +250,39 @@ def test_variants_of_a_model_with_category_embeddings(shop, tmp_path: Path, caps
     onnx.write_text("budget: {max_drop: 0.2}\nvariants:\n  int8: [{quantize: {method: dynamic}}]\n")
     assert main(["compress", str(run), str(onnx)]) == 2
     assert "reads features, categories (a table with categorical embeddings)" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*looks like a row id")
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda p: p["columns"][0].pop("fill"), "column 'size': fill"),
+        (lambda p: p["mean"].pop(), "mean does not hold"),
+        (lambda p: p["columns"][1].update(kind="colour"), "column entry"),
+    ],
+)
+def test_a_damaged_preprocessing_record_is_one_line(shop, tmp_path: Path, capsys, damage, said):
+    import shutil
+
+    _, run, _ = shop
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("compressed"))
+    info = json.loads((copy / "data_info.json").read_text())
+    damage(info["preprocessing"])
+    (copy / "data_info.json").write_text(json.dumps(info))
+    messy_frame(3).to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", str(copy), str(tmp_path / "new.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "preprocessing record is damaged" in err and said in err, err
+
+
+def test_an_empty_column_is_left_out(tmp_path: Path):
+    frame = messy_frame(120)
+    frame["notes"] = None
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.warns(Warning, match="column 'notes' has no values; it is left out"):
+        run = train(tmp_path, "t", "tabular", "data.name=file", f"data.path={tmp_path / 't.csv'}",
+                    "data.target=label", "data.exclude=[price]", "stop.epochs=2")  # fmt: skip
+    assert {"name": "notes", "kind": "empty", "reason": "no values"} in json.loads(
+        (run / "data_info.json").read_text()
+    )["left_out"]

@@ -53,7 +53,14 @@ def load_run_model(
 def read_data_info(run_dir: Path) -> DataInfo | None:
     """The recorded DataInfo of a run, or None for runs made before it was recorded."""
     raw = read_data_record(run_dir)
-    return None if raw is None else DataInfo.from_record(raw, str(run_dir / DATA_INFO_FILE))
+    if raw is None:
+        return None
+    info = DataInfo.from_record(raw, str(run_dir / DATA_INFO_FILE))
+    if info.preprocessing is not None:
+        from gradwise.data.tabular import check_record
+
+        check_record(info.preprocessing, str(run_dir / DATA_INFO_FILE))
+    return info
 
 
 def _restore_compression(run_dir: Path, model: nn.Module) -> nn.Module:

@@ -153,6 +153,14 @@ def _column_kinds(
         else:
             # A column named in data.features is the user's choice: it is not second-guessed as an id.
             kind, reason = detect_kind(name, values, allow_id=False)
+            if reason == "no values":  # an empty column (a spreadsheet's trailing one): nothing to learn from
+                left_out.append({"name": name, "kind": "empty", "reason": "no values"})
+                warnings.warn(
+                    f"{picked.table.source}: column {name!r} has no values; it is left out of the features",
+                    GradwiseWarning,
+                    stacklevel=3,
+                )
+                continue
         if kind in ("text", "id"):
             left_out.append({"name": name, "kind": kind, "reason": reason})
             if name not in cfg.columns:

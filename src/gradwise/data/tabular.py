@@ -131,6 +131,47 @@ def encode(
     return Encoded(dense, expanded.categories, expanded.unknown)
 
 
+_NEEDS = {
+    "numeric": {"fill": (int, float)},
+    "boolean": {"fill": (int, float)},
+    "datetime": {"fill": list, "parts": list},
+    "categorical": {"fill": str, "categories": list, "encoding": str},
+}
+
+
+def check_record(record: Any, source: str) -> None:
+    """Refuse a damaged preprocessing record (a hand-edited or truncated ``data_info.json``) in one line.
+
+    Raises:
+        CheckpointError: a field is missing or of the wrong type, or the scaling lengths do not match.
+    """
+    from gradwise.errors import CheckpointError
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: the preprocessing record is damaged ({what})")
+
+    if not isinstance(record, Mapping) or record.get("version") != RECORD_VERSION:
+        raise bad(f"version {record.get('version') if isinstance(record, Mapping) else None!r}")
+    columns = record.get("columns")
+    if not isinstance(columns, list) or not columns:
+        raise bad("no columns")
+    for col in columns:
+        if not isinstance(col, Mapping) or not isinstance(col.get("name"), str) or col.get("kind") not in _NEEDS:
+            raise bad(f"column entry {str(col)[:60]!r}")
+        if not isinstance(col.get("indicator"), bool):
+            raise bad(f"column {col['name']!r}: indicator")
+        for key, kind in _NEEDS[col["kind"]].items():
+            if not isinstance(col.get(key), kind) or isinstance(col.get(key), bool):
+                raise bad(f"column {col['name']!r}: {key}")
+        if col["kind"] == "categorical" and col["encoding"] not in ("one_hot", "embedding"):
+            raise bad(f"column {col['name']!r}: encoding {col['encoding']!r}")
+    width = len(feature_names(record))
+    for key in ("mean", "scale"):
+        values = record.get(key)
+        if not isinstance(values, list) or len(values) != width or not all(isinstance(v, int | float) for v in values):
+            raise bad(f"{key} does not hold {width} numbers")
+
+
 def feature_names(record: Mapping[str, Any]) -> list[str]:
     """One name per dense input column, in order (``bill_length_mm``, ``bill_length_mm.missing``, ``island=Biscoe``)."""
     return [name for col in record["columns"] for name in _output_names(col)]
