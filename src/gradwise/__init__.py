@@ -13,14 +13,7 @@ Imported lazily: ``import gradwise`` stays instant, torch loads on the first cal
 
 from __future__ import annotations
 
-from typing import Any
+from gradwise.api import Run, load  # light: torch loads on the first call, not here
+from gradwise.api import _train_package as train  # the package gradwise.train, callable: see gradwise.api
 
 __all__ = ["Run", "load", "train"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from gradwise import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'gradwise' has no attribute {name!r}")

@@ -20,10 +20,13 @@ Example::
 from __future__ import annotations
 
 import json
+import sys
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gradwise.train as _train_package  # the loop's package: also the name of the API's entry point, below
 from gradwise.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -207,3 +210,19 @@ def _as_table(data: Any) -> Any:
     raise ConfigError(
         f"predict: expected a file, a DataFrame, a mapping of columns or an array; got {type(data).__name__}"
     )
+
+
+class _TrainPackage(types.ModuleType):
+    """``gradwise.train`` is both the loop's package and the API's entry point.
+
+    Importing any ``gradwise.train.*`` module binds the package as the attribute ``gradwise.train``,
+    so a plain function of that name could never be reached; the package is made callable instead:
+    ``gradwise.train("tabular")`` calls :func:`train` and ``gradwise.train.loop`` is still the loop.
+    """
+
+    def __call__(self, recipe: str | Path | Mapping[str, Any], **overrides: Any) -> Run:
+        return train(recipe, **overrides)
+
+
+_TrainPackage.__call__.__doc__ = train.__doc__
+sys.modules[_train_package.__name__].__class__ = _TrainPackage

@@ -224,7 +224,7 @@ def test_export_of_a_quantized_variant_is_the_quantized_file(source_run: Path, t
     [result] = compress_run(run_dir, recipe({"int8": [{"quantize": {"method": "dynamic"}}]}))
     assert main(["export", str(result.directory), "-o", str(tmp_path / "out")]) == 0
     exported = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert exported == ["compression.json", "config.yaml", "model.onnx"]
+    assert exported == ["compression.json", "config.yaml", "data_info.json", "model.onnx"]
     assert (tmp_path / "out" / "model.onnx").read_bytes() == (result.directory / "model.onnx").read_bytes()
 
 

@@ -198,6 +198,8 @@ def test_images_from_an_npz_and_their_onnx_int8_variant(digits_npz, tmp_path: Pa
     assert onnx["input_loss"] == pytest.approx(recorded["test_loss"], rel=1e-6)
     assert onnx["input_accuracy"] >= evaluated["test_accuracy"] - 0.02
     assert len(pd.read_parquet(tmp_path / "int8.parquet")) == len(test)
+    # Its summary counts the graph's weights (it has no torch parameters): about the source's, biases aside.
+    assert 0.9 < gradwise.load(variant).summary["parameters"] / gradwise.load(run).summary["parameters"] <= 1
 
 
 def test_an_npz_without_an_array_of_the_runs_width_is_refused(digits_npz, tmp_path: Path, capsys):

@@ -18,9 +18,10 @@ from typing import Any
 
 from torch import nn
 
+from gradwise.compress.measure import count_weights
 from gradwise.config import RunConfig
 from gradwise.data import Dataset
-from gradwise.models import count_parameters, weight_sparsity
+from gradwise.models import weight_sparsity
 from gradwise.store.checkpoint import MODEL_FILE, save_checkpoint
 from gradwise.store.records import (
     TOKENIZER_DIR,
@@ -79,7 +80,7 @@ def finish_model_run(
         "final": evaluate_splits(model, task, data, cfg, device),
         "final_weights": "best",
         "steps": 0,
-        "parameters": count_parameters(model),
+        "parameters": count_weights(model)[0],  # an ONNX graph's weights too (it has no torch parameters)
     }
     sparsity = weight_sparsity(model)  # None for an ONNX Runtime session (its weights are not parameters)
     if sparsity is not None:

@@ -211,10 +211,11 @@ def read_saved_config(path: Path) -> dict[str, Any]:
         section = {k: v for k, v in section.items() if k in own or k not in _FLAT_FIELDS[kind.path]}
         if kind.path == "model" and name == "cnn" and isinstance(section.get("hidden"), list):
             section["hidden"] = section["hidden"][:1]  # the CNN only ever read the first width
-        if kind.path == "data" and "standardize_target" in own and "standardize_target" not in section:
-            # Saved before regression targets were standardized (every field is saved): that run trained on
-            # the raw target, and rebuilding it with today's default would map its outputs a second time.
-            section["standardize_target"] = False
+        if kind.path == "data" and "standardize_target" in own and "standardize" in section:
+            # Every field is saved, so a section with `standardize` but no `standardize_target` was saved before
+            # regression targets were standardized: that run trained on the raw target, and rebuilding it with
+            # today's default would map its outputs back a second time.
+            section.setdefault("standardize_target", False)
         raw[kind.path] = section
     return raw
 
