@@ -88,6 +88,7 @@ def test_classifier_predicts_the_test_rows_as_eval_scores_them(shop, tmp_path: P
     predicted = pd.read_csv(out)
     # The input's order and its id column, one prediction per row, probabilities that sum to one.
     assert predicted["order_id"].tolist() == rows["order_id"].tolist()
+    assert predicted["price"].tolist() == rows["price"].tolist()  # named in data.exclude: copied through too
     assert set(predicted["prediction"]) <= {"big", "small"}
     np.testing.assert_allclose(predicted["probability_big"] + predicted["probability_small"], 1.0, atol=1e-12)
     assert ((predicted["probability_big"] > 0.5) == (predicted["prediction"] == "big")).all()

@@ -102,7 +102,7 @@ def predict_table(run_dir: Path, table: Table, checkpoint: str = "best", *, prob
                 meter.update(out, targets[rows].to(out.device))
             outputs.append(out.float().cpu())
     everything = torch.cat(outputs) if outputs else torch.zeros((0, info.n_outputs))
-    columns = {name: _plain(table.column(name)) for name in _id_columns(info, table)}
+    columns = {name: _plain(table.column(name)) for name in _id_columns(info, table, getattr(cfg.data, "exclude", []))}
     columns.update(_prediction_columns(info, everything, proba))
     metrics = None if meter is None else {f"input_{k}": float(v) for k, v in meter.compute().items()}
     return Predictions(columns, n, unknown, metrics, everything)
@@ -253,9 +253,11 @@ def _row_count(inputs: Any) -> int:
 # --------------------------------------------------------------------------- the output columns
 
 
-def _id_columns(info: DataInfo, table: Table) -> list[str]:
-    """The input's id columns (those the run left out as ids), copied into the output in front."""
+def _id_columns(info: DataInfo, table: Table, excluded: list[str]) -> list[str]:
+    """The input's id columns, copied into the output in front: those the run left out as ids, and those
+    it was told to leave out (``data.exclude``: where a user names an order number the detector missed)."""
     ids = [c["name"] for c in info.left_out or [] if c.get("kind") == "id"]
+    ids += [name for name in excluded if name not in ids and name != info.target_name]
     return [name for name in ids if name in table.columns and table.columns[name].ndim == 1]
 
 
