@@ -140,8 +140,10 @@ class TokenBlocks:
         del blocks  # unmapped now: only the copied rows stay in memory
         return out
 
-    def chunks(self, rows: int = 4096) -> Iterable[torch.Tensor]:
-        """Every row in order, ``rows`` at a time (for statistics over a whole split in bounded memory)."""
+    def chunks(self, tokens: int = 1 << 18) -> Iterable[torch.Tensor]:
+        """Every row in order, about ``tokens`` at a time (2 MiB of int64 ids: statistics over a whole split in
+        memory that is bounded, and small beside a batch's activations)."""
+        rows = max(1, tokens // self.seq_len)
         for start in range(0, self.n_blocks, rows):
             yield self.rows(np.arange(start, min(start + rows, self.n_blocks)))
 
