@@ -27,7 +27,7 @@ import numpy as np
 
 from gradwise.errors import DataError
 
-FORMATS: tuple[str, ...] = ("csv", "parquet", "jsonl", "npz")
+FORMATS: tuple[str, ...] = ("csv", "parquet", "jsonl", "npz", "arrow")
 _SUFFIX_FORMATS = {
     ".csv": "csv",
     ".tsv": "csv",
@@ -36,6 +36,7 @@ _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".npz": "npz",
+    ".arrow": "arrow",
 }
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
@@ -78,6 +79,8 @@ def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     if path.is_dir():
+        if _is_saved_dataset(path):
+            return "arrow"  # a Hugging Face dataset written by save_to_disk: Arrow files and their state
         raise DataError(f"{path}: is a directory, not a data file")
     suffix = _base_suffix(path)
     if suffix not in _SUFFIX_FORMATS:
@@ -93,11 +96,11 @@ def read_table(path: Path, fmt: str) -> Table:
     source = str(path)
     if not path.exists():
         raise DataError(f"{source}: file not found")
-    if path.is_dir():
+    if path.is_dir() and not (fmt == "arrow" and _is_saved_dataset(path)):
         raise DataError(f"{source}: is a directory, not a data file")
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{source}: file is empty")
-    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "npz": _read_npz}
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet, "npz": _read_npz, "arrow": _read_arrow}
     if fmt not in readers:
         raise DataError(f"{source}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     try:
@@ -187,6 +190,44 @@ def _read_parquet(path: Path, source: str) -> Table:
     if len(columns) != table.num_columns:
         raise DataError(f"{source}: column names repeat; each column needs its own name")
     return Table(source, columns, lambda i: f"row {i + 1}")
+
+
+def _read_arrow(path: Path, source: str) -> Table:
+    """An Arrow IPC file or stream, or every ``*.arrow`` file of a ``datasets`` ``save_to_disk`` directory
+    (in its ``state.json`` order), as one table. Read with pyarrow alone: ``datasets`` is not needed."""
+    import pyarrow as pa
+
+    from gradwise.data.text_sources import _dataset_arrow_files  # the saved-dataset layout, read in one place
+
+    files = _dataset_arrow_files(path) if path.is_dir() else [path]
+    tables = []
+    for file in files:
+        with pa.memory_map(str(file)) as stream:
+            try:
+                reader: Any = pa.ipc.open_stream(stream)
+            except pa.ArrowInvalid:
+                stream.seek(0)
+                try:
+                    reader = pa.ipc.open_file(stream)
+                except pa.ArrowInvalid as exc:
+                    raise DataError(f"{file}: not an Arrow file or stream ({first_line(exc)})") from None
+            tables.append(reader.read_all())
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{source}: its Arrow files do not share one schema ({first_line(exc)})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{source}: has columns but no rows")
+    columns = {name: table.column(i).to_numpy(zero_copy_only=False) for i, name in enumerate(table.column_names)}
+    if len(columns) != table.num_columns:
+        raise DataError(f"{source}: column names repeat; each column needs its own name")
+    return Table(source, columns, lambda i: f"row {i + 1}")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    from gradwise.data.text_sources import is_saved_dataset
+
+    return is_saved_dataset(path)
 
 
 def _read_npz(path: Path, source: str) -> Table:

@@ -183,7 +183,7 @@ class FileData(TextData, TableData):
 
     name: Literal["file"] = "file"
     path: Path
-    format: Literal["auto", "csv", "parquet", "jsonl", "npz"] = "auto"
+    format: Literal["auto", "csv", "parquet", "jsonl", "npz", "arrow"] = "auto"
     text: str | None = None
 
     def batch_format(self) -> str:
