@@ -223,6 +223,12 @@ class _TrainPackage(types.ModuleType):
     def __call__(self, recipe: str | Path | Mapping[str, Any], **overrides: Any) -> Run:
         return train(recipe, **overrides)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Pickled by name (a process pool handed gradwise.train): unpickling imports the same package.
+        import importlib
+
+        return importlib.import_module, (self.__name__,)
+
 
 _TrainPackage.__call__.__doc__ = train.__doc__
 sys.modules[_train_package.__name__].__class__ = _TrainPackage

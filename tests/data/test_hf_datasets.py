@@ -18,6 +18,7 @@ from gradwise.cli import main
 from gradwise.config import DataConfig
 from gradwise.data.load import load_dataset
 from gradwise.data.readers import detect_format, read_table
+from gradwise.errors import DataError
 
 datasets = pytest.importorskip("datasets")
 
@@ -85,3 +86,11 @@ def test_a_saved_text_dataset_is_a_language_modeling_corpus(tmp_path: Path, monk
     summary = json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())
     # 15 words in random order: a model that learned the words beats the unigram baseline's perplexity.
     assert summary["final"]["test_perplexity"] < summary["unigram_perplexity"]["value"]
+
+
+def test_a_saved_dataset_dict_names_its_splits(tmp_path: Path):
+    split = datasets.Dataset.from_pandas(shop_rows(20))
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"a saved DatasetDict; point at one of its splits \(test, train\)"):
+        detect_format(tmp_path / "dd", "auto")
+    assert read_table(tmp_path / "dd" / "train", detect_format(tmp_path / "dd" / "train", "auto")).names[0] == "size"

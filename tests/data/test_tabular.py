@@ -264,3 +264,29 @@ def test_na_in_a_numeric_target_is_a_gap_but_may_name_a_class(tmp_path: Path):
     frame.to_csv(tmp_path / "c.csv", index=False)
     data = load_dataset(DataConfig(name="file", path=tmp_path / "c.csv", target="region"), "auto", seed=0)
     assert data.info.class_names == ["EU", "NA"]
+
+
+def test_a_few_undated_cells_are_gaps_recorded_for_predict_and_many_are_refused():
+    days = [str(d.date()) for d in pd.date_range("2024-01-01", periods=600)]
+    values = np.array(days, dtype=object)
+    values[[1, 301, 599]] = "unknown"  # outside any sample, inside the training rows or not
+    assert detect_kind("when", values) == ("datetime", "dates")
+    with pytest.warns(GradwiseWarning, match=r"3 cells read as no date \('unknown'\); they are taken as missing"):
+        record = tabular.fit({"when": values}, {"when": "datetime"}, np.arange(400), tabular.Settings(), "t")
+    assert record["columns"][0]["gaps"] == ["unknown"]
+    new = np.array(["2025-01-01", "unknown", "soon"], dtype=object)
+    with pytest.raises(DataError, match=r"row 3: 'soon' is not a date"):  # a gap word never seen: an error
+        tabular.encode(record, {"when": new}, "t", lambda i: f"row {i + 1}")
+    assert tabular.encode(record, {"when": new[:2]}, "t", str).dense[1, -1] == 1.0  # 'unknown': missing, flagged
+    mostly_words = np.array(days[:100] + ["n/k", "later", "tbd", "?", "soon", "x", "y"] * 10, dtype=object)
+    with pytest.raises(DataError, match=r"set data.columns.when: categorical"):
+        tabular.fit({"when": mostly_words}, {"when": "datetime"}, np.arange(170), tabular.Settings(), "t")
+
+
+def test_an_all_nan_float_column_is_left_out_like_an_empty_csv_column(tmp_path: Path):
+    frame = messy_frame(120)
+    frame["empty"] = np.nan
+    frame.to_parquet(tmp_path / "t.parquet")
+    with pytest.warns(GradwiseWarning, match="column 'empty' has no values; it is left out"):
+        data = load_dataset(DataConfig(name="file", path=tmp_path / "t.parquet", target="label"), "auto", seed=0)
+    assert "empty" not in tabular.input_columns(data.info.preprocessing)

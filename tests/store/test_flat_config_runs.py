@@ -58,3 +58,15 @@ def test_a_regression_run_from_before_target_standardization_evaluates_as_it_tra
     evaluated = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
     assert evaluated["test_r2"] == pytest.approx(summary["final"]["test_r2"], abs=1e-9)
+
+
+def test_an_old_classifier_config_is_left_as_written(tmp_path):
+    """Only a regression was changed by target standardization: a classifier's old config is not migrated, so
+    `gradwise train RECIPE resume=RUN` still matches it."""
+    assert main(["train", "digits-mlp", "stop.max_steps=3", "log.progress=false", "log.plots=false",
+                 f"out_dir={tmp_path}", "name=old"]) == 0  # fmt: skip
+    config = tmp_path / "old" / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(True) if "standardize_target" not in line))
+    assert "standardize_target" not in read_saved_config(config)["data"]
+    assert main(["train", "digits-mlp", f"resume={tmp_path / 'old'}", "stop.max_steps=6", "log.progress=false",
+                 "log.plots=false"]) == 0  # fmt: skip

@@ -214,10 +214,23 @@ def read_saved_config(path: Path) -> dict[str, Any]:
         if kind.path == "data" and "standardize_target" in own and "standardize" in section:
             # Every field is saved, so a section with `standardize` but no `standardize_target` was saved before
             # regression targets were standardized: that run trained on the raw target, and rebuilding it with
-            # today's default would map its outputs back a second time.
-            section.setdefault("standardize_target", False)
+            # today's default would map its outputs back a second time. (Only a regression's: a classifier's
+            # config stays as written, so `train RECIPE resume=RUN` still matches it.)
+            if "standardize_target" not in section and _recorded_kind(path.parent) in (None, "regression"):
+                section["standardize_target"] = False
         raw[kind.path] = section
     return raw
+
+
+def _recorded_kind(run_dir: Path) -> str | None:
+    """The task kind a run directory's ``data_info.json`` records, or None when there is none to read."""
+    import json
+
+    try:
+        kind = json.loads((run_dir / "data_info.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:

@@ -117,6 +117,8 @@ def detect_kind(name: str, values: np.ndarray, *, allow_id: bool = True) -> tupl
     if reason is not None and reason != "a different text in every row":
         return "id", reason
     if kind in "iuf":
+        if kind == "f" and len(values) and bool(np.isnan(values).all()):
+            return "numeric", "no values"  # an empty column from Parquet, Arrow or a DataFrame: left out
         return "numeric", "numbers"
     cells = [c for c in texts(values) if c is not None and c.lower() not in MISSING_TOKENS]
     if not cells:

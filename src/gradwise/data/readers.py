@@ -81,6 +81,10 @@ def detect_format(path: Path, fmt: str) -> str:
     if path.is_dir():
         if _is_saved_dataset(path):
             return "arrow"  # a Hugging Face dataset written by save_to_disk: Arrow files and their state
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if _is_saved_dataset(p))
+            raise DataError(f"{path}: a saved DatasetDict; point at one of its splits ({', '.join(splits)}), e.g. "
+                            f"{path / (splits[0] if splits else 'train')}")  # fmt: skip
         raise DataError(f"{path}: is a directory, not a data file")
     suffix = _base_suffix(path)
     if suffix not in _SUFFIX_FORMATS:

@@ -23,6 +23,8 @@ what training fitted; nothing is pickled.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,9 +45,13 @@ from gradwise.data.columns import (
 from gradwise.data.readers import Table
 from gradwise.data.splits import Standardizer
 from gradwise.data.types import DataInfo
-from gradwise.errors import DataError
+from gradwise.errors import DataError, GradwiseWarning
 
 RECORD_VERSION = 1
+# A date column may mark gaps with a few words ("unknown", "tbd") in a few cells; more means it is no date column.
+_MAX_DATE_GAP_TOKENS = 5
+_MAX_DATE_GAP_SHARE = 0.05
+_DATE_PARTS = ("days", "month", "weekday", "hour")
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,17 @@ def check_record(record: Any, source: str) -> None:
                 raise bad(f"column {col['name']!r}: {key}")
         if col["kind"] == "categorical" and col["encoding"] not in ("one_hot", "embedding"):
             raise bad(f"column {col['name']!r}: encoding {col['encoding']!r}")
+        if col["kind"] == "categorical" and col["fill"] not in col["categories"]:
+            raise bad(f"column {col['name']!r}: fill {col['fill']!r} is not one of its categories")
+        if col["kind"] == "datetime" and (
+            not set(col["parts"]) <= set(_DATE_PARTS) or len(col["fill"]) != len(col["parts"])
+        ):
+            raise bad(f"column {col['name']!r}: parts {col['parts']!r} and fill {col['fill']!r}")
+        gaps = col.get("gaps", [])
+        if not isinstance(gaps, list) or not all(isinstance(g, str) for g in gaps):
+            raise bad(f"column {col['name']!r}: gaps")
+        if col["kind"] in ("numeric", "boolean") and not math.isfinite(col["fill"]):
+            raise bad(f"column {col['name']!r}: fill {col['fill']!r}")
     width = len(feature_names(record))
     for key in ("mean", "scale"):
         values = record.get(key)
@@ -293,7 +310,10 @@ def _fit_column(
         col["encoding"] = "one_hot" if len(categories) <= settings.one_hot_max else "embedding"
         col["indicator"] = settings.missing_indicator and len(present) < len(picked)
     elif kind == "datetime":
-        stamps = _dates(name, values, source, locate)
+        gaps = _date_gaps(name, values, source, locate)
+        if gaps:
+            col["gaps"] = gaps
+        stamps = _dates(name, values, source, locate, gaps)
         seen = stamps[train][~stamps[train].isna()]
         if len(seen) == 0:
             raise DataError(f"{source}: column {name!r} has no dates in the training rows; exclude it (data.exclude)")
@@ -378,7 +398,7 @@ def _encode_column(
         missing = np.isnan(x)
         return np.where(missing, col["fill"], x)[:, None], missing
     if kind == "datetime":
-        stamps = _dates(name, values, source, locate)
+        stamps = _dates(name, values, source, locate, col.get("gaps", []))
         missing = np.asarray(stamps.isna())
         parts = _date_parts(stamps, col["parts"])
         return np.where(missing[:, None], np.asarray(col["fill"])[None, :], parts), missing
@@ -419,12 +439,45 @@ def _category_cells(values: np.ndarray) -> list[str | None]:
     return [None if c is None or c.lower() in MISSING_TOKENS else c for c in texts(values)]
 
 
-def _dates(name: str, values: np.ndarray, source: str, locate: Callable[[int], str]) -> pd.DatetimeIndex:
-    """A datetime column's timestamps (NaT where missing); a cell that is there but no date is an error."""
+def _undated(values: np.ndarray, stamps: pd.DatetimeIndex) -> tuple[list[int], list[str | None]]:
+    """The rows whose cell is there but reads as no date, and every cell as text."""
+    shown = texts(values)
+    return [
+        i for i in np.flatnonzero(np.asarray(stamps.isna())).tolist() if not is_missing_number_cell(shown[i])
+    ], shown
+
+
+def _date_gaps(name: str, values: np.ndarray, source: str, locate: Callable[[int], str]) -> list[str]:
+    """The few texts a date column uses for a gap ("unknown", "tbd"), found over the whole table; they are
+    recorded so that predict reads them as gaps too. Many of them mean the column is not dates at all."""
+    if values.dtype.kind == "M":
+        return []
+    bad, shown = _undated(values, datetimes(values))
+    tokens = sorted({str(shown[i]) for i in bad})
+    if len(tokens) > _MAX_DATE_GAP_TOKENS or len(bad) > _MAX_DATE_GAP_SHARE * len(values):
+        raise DataError(
+            f"{source}: column {name!r} {locate(bad[0])}: {shown[bad[0]]!r} is not a date, nor are {len(bad) - 1} "
+            f"other cells; set data.columns.{name}: categorical to read it as categories"
+        )
+    if tokens:
+        warnings.warn(
+            f"{source}: column {name!r}: {len(bad)} cells read as no date ({', '.join(map(repr, tokens))}); "
+            "they are taken as missing",
+            GradwiseWarning,
+            stacklevel=4,
+        )
+    return tokens
+
+
+def _dates(
+    name: str, values: np.ndarray, source: str, locate: Callable[[int], str], gaps: list[str]
+) -> pd.DatetimeIndex:
+    """A datetime column's timestamps (NaT where missing, or one of the column's recorded ``gaps``); any other
+    cell that is there but no date is an error naming the row."""
     stamps = datetimes(values)
     if values.dtype.kind != "M":
-        shown = texts(values)
-        bad = [i for i in np.flatnonzero(np.asarray(stamps.isna())).tolist() if not is_missing_number_cell(shown[i])]
+        bad, shown = _undated(values, stamps)
+        bad = [i for i in bad if shown[i] not in gaps]
         if bad:
             raise DataError(f"{source}: column {name!r} {locate(bad[0])}: {shown[bad[0]]!r} is not a date")
     return stamps

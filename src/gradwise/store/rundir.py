@@ -280,10 +280,11 @@ def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
         raise CheckpointError(f"{run_dir}: not a run directory ({CONFIG_FILE} is missing)")
     saved = validate(read_saved_config(saved_file), source=str(saved_file))
     for path, (old, new) in config_differences(saved.model_dump(mode="json"), cfg.model_dump(mode="json")).items():
-        if path.startswith("stop.") and cfg.schedule.name in _BUDGET_SCHEDULES:
+        if path.startswith("stop.") and (cfg.schedule.name in _BUDGET_SCHEDULES or cfg.schedule.warmup_fraction):
+            what = "schedule" if cfg.schedule.name in _BUDGET_SCHEDULES else "schedule's warmup (warmup_fraction)"
             warnings.warn(
                 f"resuming with {path}={new!r} (was {old!r}) re-times the rest of the {cfg.schedule.name!r} "
-                "schedule, whose length follows the training budget",
+                f"{what}, whose length follows the training budget",
                 GradwiseWarning,
                 stacklevel=2,
             )
