@@ -102,8 +102,10 @@ def predict_table(run_dir: Path, table: Table, checkpoint: str = "best", *, prob
                 meter.update(out, targets[rows].to(out.device))
             outputs.append(out.float().cpu())
     everything = torch.cat(outputs) if outputs else torch.zeros((0, info.n_outputs))
-    columns = {name: _plain(table.column(name)) for name in _id_columns(info, table, getattr(cfg.data, "exclude", []))}
-    columns.update(_prediction_columns(info, everything, proba))
+    predicted = _prediction_columns(info, everything, proba)
+    copied = [n for n in _id_columns(info, table, getattr(cfg.data, "exclude", [])) if n not in predicted]
+    columns = {name: _plain(table.column(name)) for name in copied}  # an input column named 'prediction' yields
+    columns.update(predicted)
     metrics = None if meter is None else {f"input_{k}": float(v) for k, v in meter.compute().items()}
     return Predictions(columns, n, unknown, metrics, everything)
 
