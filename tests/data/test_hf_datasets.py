@@ -94,3 +94,17 @@ def test_a_saved_dataset_dict_names_its_splits(tmp_path: Path):
     with pytest.raises(DataError, match=r"a saved DatasetDict; point at one of its splits \(test, train\)"):
         detect_format(tmp_path / "dd", "auto")
     assert read_table(tmp_path / "dd" / "train", detect_format(tmp_path / "dd" / "train", "auto")).names[0] == "size"
+
+
+def test_class_label_ids_are_read_as_their_names(tmp_path: Path):
+    frame = shop_rows(120)
+    features = datasets.Features(
+        {"size": datasets.Value("float64"), "colour": datasets.Value("string"),
+         "label": datasets.ClassLabel(names=["big", "small"])}
+    )  # fmt: skip
+    saved = datasets.Dataset.from_pandas(frame, features=features)
+    assert saved["label"][:3] == [int(v == "small") for v in frame["label"][:3]]  # stored as ids
+    saved.save_to_disk(str(tmp_path / "shop"))
+    assert read_table(tmp_path / "shop", "arrow").column("label").tolist() == frame["label"].tolist()
+    data = load_dataset(DataConfig(name="file", path=tmp_path / "shop", target="label"), "auto", seed=0)
+    assert data.info.class_names == ["big", "small"]

@@ -225,7 +225,32 @@ def _read_arrow(path: Path, source: str) -> Table:
     columns = {name: table.column(i).to_numpy(zero_copy_only=False) for i, name in enumerate(table.column_names)}
     if len(columns) != table.num_columns:
         raise DataError(f"{source}: column names repeat; each column needs its own name")
+    for name, labels in _class_labels(path).items():  # ClassLabel ids as the dataset names them
+        if name in columns and columns[name].dtype.kind in "iu":
+            ids = columns[name]
+            if ids.size and (ids.min() < 0 or ids.max() >= len(labels)):  # -1: datasets' "no label"
+                raise DataError(f"{source}: column {name!r} holds label id {int(ids.min())}, not one of its "
+                                f"{len(labels)} class names; drop those rows or the column")  # fmt: skip
+            columns[name] = np.asarray(labels, dtype=object)[ids]
     return Table(source, columns, lambda i: f"row {i + 1}")
+
+
+def _class_labels(path: Path) -> dict[str, list[str]]:
+    """A saved dataset's ``ClassLabel`` columns and their names, from its ``dataset_info.json`` (else none)."""
+    info = path / "dataset_info.json"
+    if not path.is_dir() or not info.is_file():
+        return {}
+    try:
+        features = json.loads(info.read_text(encoding="utf-8")).get("features") or {}
+        return {
+            str(name): [str(label) for label in feature["names"]]
+            for name, feature in features.items()
+            if isinstance(feature, dict)
+            and feature.get("_type") == "ClassLabel"
+            and isinstance(feature.get("names"), list)
+        }
+    except (ValueError, AttributeError, TypeError):
+        return {}  # a damaged info file: the ids are read as they are
 
 
 def _is_saved_dataset(path: Path) -> bool:
