@@ -108,21 +108,30 @@ def load_corpus_dataset(cfg: PythonSourceData, seed: int, *, cache_root: Path | 
         train = splits["train"]
         splits["train"] = Split(x=train.x[: cfg.limit], y=train.y[: cfg.limit])
     n_files = sum(len(f) for f in corpus.files.values())
-    info = DataInfo(
+    source = f"Python {corpus.python_version} standard library source ({n_files} files, {corpus.n_chars:,} chars)"
+    info = token_blocks_info(cfg.seq_len, corpus.vocab_size, corpus.eot_id, corpus.directory, source, "python_source")
+    return Dataset(train=splits["train"], val=splits["val"], test=splits["test"], info=info)
+
+
+def token_blocks_info(
+    seq_len: int, vocab_size: int, eot_id: int, tokenizer_dir: Path, source: str, name: str
+) -> DataInfo:
+    """What a model and the language-modeling task know of a corpus cut into ``seq_len`` next-token blocks
+    (the end-of-text id doubles as the pad id)."""
+    return DataInfo(
         kind="language_modeling",
-        n_features=cfg.seq_len,
+        n_features=seq_len,
         image_shape=None,
-        n_outputs=corpus.vocab_size,
+        n_outputs=vocab_size,
         class_names=None,
         feature_names=["tokens"],
         target_name="next token",
-        source=f"Python {corpus.python_version} standard library source ({n_files} files, {corpus.n_chars:,} chars)",
-        name="python_source",
-        vocab_size=corpus.vocab_size,
-        pad_token_id=corpus.eot_id,
-        tokenizer_dir=str(corpus.directory),
+        source=source,
+        name=name,
+        vocab_size=vocab_size,
+        pad_token_id=eot_id,
+        tokenizer_dir=str(tokenizer_dir),
     )
-    return Dataset(train=splits["train"], val=splits["val"], test=splits["test"], info=info)
 
 
 def pack_blocks(stream: np.ndarray, seq_len: int) -> Split:

@@ -38,6 +38,7 @@ _SUFFIX_FORMATS = {
     ".npz": "npz",
     ".arrow": "arrow",
 }
+DATASET_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside its *.arrow files
 _OPENERS: dict[str, Callable[..., IO[str]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
@@ -79,10 +80,10 @@ def detect_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     if path.is_dir():
-        if _is_saved_dataset(path):
+        if is_saved_dataset(path):
             return "arrow"  # a Hugging Face dataset written by save_to_disk: Arrow files and their state
         if (path / "dataset_dict.json").is_file():
-            splits = sorted(p.name for p in path.iterdir() if _is_saved_dataset(p))
+            splits = sorted(p.name for p in path.iterdir() if is_saved_dataset(p))
             raise DataError(f"{path}: a saved DatasetDict; point at one of its splits ({', '.join(splits)}), e.g. "
                             f"{path / (splits[0] if splits else 'train')}")  # fmt: skip
         raise DataError(f"{path}: is a directory, not a data file")
@@ -100,7 +101,7 @@ def read_table(path: Path, fmt: str) -> Table:
     source = str(path)
     if not path.exists():
         raise DataError(f"{source}: file not found")
-    if path.is_dir() and not (fmt == "arrow" and _is_saved_dataset(path)):
+    if path.is_dir() and not (fmt == "arrow" and is_saved_dataset(path)):
         raise DataError(f"{source}: is a directory, not a data file")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{source}: file is empty")
@@ -201,21 +202,11 @@ def _read_arrow(path: Path, source: str) -> Table:
     (in its ``state.json`` order), as one table. Read with pyarrow alone: ``datasets`` is not needed."""
     import pyarrow as pa
 
-    from gradwise.data.text_sources import _dataset_arrow_files  # the saved-dataset layout, read in one place
-
-    files = _dataset_arrow_files(path) if path.is_dir() else [path]
+    files = dataset_arrow_files(path) if path.is_dir() else [path]
     tables = []
     for file in files:
         with pa.memory_map(str(file)) as stream:
-            try:
-                reader: Any = pa.ipc.open_stream(stream)
-            except pa.ArrowInvalid:
-                stream.seek(0)
-                try:
-                    reader = pa.ipc.open_file(stream)
-                except pa.ArrowInvalid as exc:
-                    raise DataError(f"{file}: not an Arrow file or stream ({first_line(exc)})") from None
-            tables.append(reader.read_all())
+            tables.append(open_arrow(stream, file).read_all())
     try:
         table = pa.concat_tables(tables)
     except pa.ArrowInvalid as exc:
@@ -253,10 +244,41 @@ def _class_labels(path: Path) -> dict[str, list[str]]:
         return {}  # a damaged info file: the ids are read as they are
 
 
-def _is_saved_dataset(path: Path) -> bool:
-    from gradwise.data.text_sources import is_saved_dataset
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a directory written by ``datasets.Dataset.save_to_disk``."""
+    return path.is_dir() and any((path / marker).is_file() for marker in DATASET_MARKERS)
 
-    return is_saved_dataset(path)
+
+def open_arrow(stream: Any, path: Path) -> Any:
+    """A reader of the Arrow IPC *stream* (what ``save_to_disk`` writes) or *file* open in ``stream``."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(stream)
+    except pa.ArrowInvalid:
+        stream.seek(0)
+        try:
+            return pa.ipc.open_file(stream)
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"{path}: not an Arrow file or stream ({first_line(exc)})") from None
+
+
+def dataset_arrow_files(directory: Path) -> list[Path]:
+    """A saved dataset's ``*.arrow`` files in the order its ``state.json`` lists them (else by name)."""
+    state = directory / "state.json"
+    if state.is_file():
+        try:
+            files = [directory / entry["filename"] for entry in json.loads(state.read_text("utf-8"))["_data_files"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{state}: not a saved dataset's state ({exc!r})") from None
+    else:
+        files = sorted(directory.glob("*.arrow"))
+    if not files:
+        raise DataError(f"{directory}: a saved dataset without *.arrow files")
+    for file in files:
+        if not file.is_file() or file.parent != directory:
+            raise DataError(f"{state}: lists {file.name!r}, which is not a file of {directory}")
+    return files
 
 
 def _read_npz(path: Path, source: str) -> Table:

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import tokenizers
 
-from gradwise.data.corpus import EOT, default_cache_root, split_files, train_tokenizer
+from gradwise.data.corpus import EOT, default_cache_root, split_files, token_blocks_info, train_tokenizer
 from gradwise.data.sources import TextFilesData
 from gradwise.data.text_sources import PIECE_BYTES, Piece, expand_paths, read_pieces, source_files, split_text
 from gradwise.data.token_files import TokenWriter, block_split, token_dtype
-from gradwise.data.types import DataInfo, Dataset, Split
+from gradwise.data.types import Dataset, Split
 from gradwise.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
@@ -115,20 +115,8 @@ def load_text_files_dataset(cfg: TextFilesData, seed: int, *, cache_root: Path |
             x, y = replace(x, n_blocks=min(cfg.limit, len(x))), replace(y, n_blocks=min(cfg.limit, len(y)))
         splits[name] = Split(x=x, y=y)  # type: ignore[arg-type]  # a lazy tensor: indexing reads rows
     n_tokens = sum(corpus.tokens.values())
-    info = DataInfo(
-        kind="language_modeling",
-        n_features=cfg.seq_len,
-        image_shape=None,
-        n_outputs=corpus.vocab_size,
-        class_names=None,
-        feature_names=["tokens"],
-        target_name="next token",
-        source=f"text_files: {len(corpus.sources)} source(s), {n_tokens:,} tokens, split by {corpus.by}",
-        name="text_files",
-        vocab_size=corpus.vocab_size,
-        pad_token_id=corpus.eot_id,
-        tokenizer_dir=str(corpus.tokenizer_dir),
-    )
+    source = f"text_files: {len(corpus.sources)} source(s), {n_tokens:,} tokens, split by {corpus.by}"
+    info = token_blocks_info(cfg.seq_len, corpus.vocab_size, corpus.eot_id, corpus.tokenizer_dir, source, "text_files")
     return Dataset(train=splits["train"], val=splits["val"], test=splits["test"], info=info)
 
 

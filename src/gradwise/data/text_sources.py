@@ -20,10 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gradwise.data.readers import dataset_arrow_files, is_saved_dataset, open_arrow
 from gradwise.errors import DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
-DATASET_MARKERS = ("state.json", "dataset_info.json")  # what save_to_disk writes beside its *.arrow files
 PIECE_BYTES = 1 << 20  # a plain text file is read this much at a time
 ROWS_PER_BATCH = 1024
 
@@ -62,11 +62,6 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return sorted(found)
 
 
-def is_saved_dataset(path: Path) -> bool:
-    """Whether ``path`` is a directory written by ``datasets.Dataset.save_to_disk``."""
-    return path.is_dir() and any((path / marker).is_file() for marker in DATASET_MARKERS)
-
-
 def source_files(source: Path) -> list[Path]:
     """The files whose sizes and times say whether a source changed: itself, or a saved dataset's files."""
     if not source.is_dir():
@@ -77,7 +72,7 @@ def source_files(source: Path) -> list[Path]:
 def read_pieces(source: Path, text_field: str, piece_bytes: int = PIECE_BYTES) -> Iterator[Piece]:
     """Every text of ``source`` in order (see the module docstring for what a piece is)."""
     if source.is_dir():
-        for file in _dataset_arrow_files(source):
+        for file in dataset_arrow_files(source):
             yield from _table_pieces(file, text_field, _arrow_batches(file, text_field))
     elif source.suffix == ".jsonl":
         yield from _jsonl_pieces(source, text_field)
@@ -235,14 +230,7 @@ def _parquet_batches(path: Path, text_field: str) -> Iterator[pa.Array]:
 def _arrow_batches(path: Path, text_field: str) -> Iterator[pa.Array]:
     """Record batches of an Arrow IPC file or stream (``save_to_disk`` writes streams), memory-mapped."""
     with pa.memory_map(str(path)) as source:
-        try:
-            reader = pa.ipc.open_stream(source)
-        except pa.ArrowInvalid:
-            source.seek(0)
-            try:
-                reader = pa.ipc.open_file(source)
-            except pa.ArrowInvalid as exc:
-                raise DataError(f"{path}: not an Arrow file or stream ({exc})") from None
+        reader = open_arrow(source, path)
         _column(path, reader.schema, text_field)
         if isinstance(reader, pa.ipc.RecordBatchFileReader):
             batches: Iterator[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -250,21 +238,3 @@ def _arrow_batches(path: Path, text_field: str) -> Iterator[pa.Array]:
             batches = iter(reader)
         for batch in batches:
             yield batch.column(text_field)
-
-
-def _dataset_arrow_files(directory: Path) -> list[Path]:
-    """A saved dataset's ``*.arrow`` files in the order its ``state.json`` lists them (else by name)."""
-    state = directory / "state.json"
-    if state.is_file():
-        try:
-            files = [directory / entry["filename"] for entry in json.loads(state.read_text("utf-8"))["_data_files"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{state}: not a saved dataset's state ({exc!r})") from None
-    else:
-        files = sorted(directory.glob("*.arrow"))
-    if not files:
-        raise DataError(f"{directory}: a saved dataset without *.arrow files")
-    for file in files:
-        if not file.is_file() or file.parent != directory:
-            raise DataError(f"{state}: lists {file.name!r}, which is not a file of {directory}")
-    return files
