@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from gradwise.errors import ConfigError
+from gradwise.train import launch as launch_module
 from gradwise.train.distributed import peer_failure_message
-from gradwise.train.launch import StoppedRank, _failure_status, launch
+from gradwise.train.launch import StoppedRank, _failure_status, _StoppedWorkers, launch
 
 # digits MLP without dropout (each rank would draw its own masks) and a constant LR: 6 epochs of 40 steps,
 # a checkpoint every 20 steps so that the kill below always has one to fall back on.
@@ -93,6 +94,40 @@ def test_a_hung_rank_the_agent_had_to_kill_does_not_make_the_rank_that_timed_out
     failures.failures[1].timestamp = failures.failures[0].timestamp + 30
     assert _failure_status(failures, 2, ["train", "digits-mlp"]) == 2
     assert capsys.readouterr().err == ""
+
+
+def wait_until(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_worker_first_seen_before_its_exec_is_still_watched(monkeypatch):
+    # Between fork and exec a worker shows the launcher's environment, so the first look may not find
+    # its rank. The watcher must look again: a stopped worker it never recognized waits out the agent's
+    # 30 s grace, and the report then blames the rank that only timed out (a CI failure, 2026-12-04).
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); time.sleep(60)"],
+        start_new_session=True,  # a group of its own, as the agent starts each worker
+    )
+    gone = 2**22 + 1  # above the kernel's pid limit: a rank that has already exited
+    looks = {victim.pid: iter([None, None]), gone: iter([0] * 1000)}
+    monkeypatch.setattr(launch_module, "_children", lambda: [victim.pid, gone])
+    monkeypatch.setattr(launch_module, "_worker_rank", lambda pid, run_id: next(looks[pid], 1))
+    try:
+        time.sleep(0.5)  # python is up and its handler is installed
+        os.kill(victim.pid, signal.SIGSTOP)
+        # Sent together, the lower-numbered SIGTERM would be taken first, before the process stops.
+        wait_until(lambda: launch_module._proc_state(victim.pid) == "T")
+        os.kill(victim.pid, signal.SIGTERM)  # the agent's teardown: pending, as the worker is stopped
+        with _StoppedWorkers("run") as watcher:
+            assert victim.wait(timeout=10) == -signal.SIGKILL
+        assert watcher.stop() == (StoppedRank(rank=1, pid=victim.pid, state="T"),)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
 
 
 # What torch 2.13's gloo raises in a collective when a peer is stopped (distributed.timeout_s=5).

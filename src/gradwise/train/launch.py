@@ -228,12 +228,16 @@ class _StoppedWorkers:
         return tuple(self.found)
 
     def _watch(self) -> None:
-        ranks: dict[int, int | None] = {}  # child pid -> its rank; None for a child that is not our worker
+        ranks: dict[int, int] = {}  # worker pid -> its rank
         while not self._done.wait(_WATCH_INTERVAL_S):
             for pid in _children():
                 if pid not in ranks:
-                    ranks[pid] = _worker_rank(pid, self._run_id)
-            states = {pid: (rank, _proc_state(pid)) for pid, rank in ranks.items() if rank is not None}
+                    # Asked again each poll until it answers: between fork and exec a child still shows the
+                    # launcher's environment, so a worker caught in that window reads as no worker at all.
+                    rank = _worker_rank(pid, self._run_id)
+                    if rank is not None:
+                        ranks[pid] = rank
+            states = {pid: (rank, _proc_state(pid)) for pid, rank in ranks.items()}
             if all(state not in (None, "Z") for _, state in states.values()):
                 continue  # every worker that started is still there: nothing is failing yet
             for pid, (rank, state) in states.items():
