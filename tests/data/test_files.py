@@ -132,7 +132,11 @@ def test_json_booleans_are_numbers_in_features_and_labels_in_targets(tmp_path: P
     path.write_text("\n".join(json.dumps(r) for r in rows))
     data = load_dataset(whole(path, target="y"), "auto", seed=0)
     assert data.train.x[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
-    assert data.info.class_names == ["False", "True"]
+    assert data.info.class_names == ["false", "true"]
+    # The same labels from a CSV are named alike, so a run trained on one format scores rows of the other.
+    csv = tmp_path / "d.csv"
+    csv.write_text("smoker,y\n" + "".join(f"{str(r['smoker']).lower()},{str(r['y']).lower()}\n" for r in rows))
+    assert load_dataset(whole(csv, target="y"), "auto", seed=0).info.class_names == ["false", "true"]
 
 
 def test_na_like_text_in_the_target_is_a_label_not_a_missing_value():

@@ -87,4 +87,4 @@ def test_bundled_kind_is_fixed():
 
 def test_code_labels_of_booleans():
     codes, names = code_labels(np.array([True, False, True]), None)
-    assert (codes.tolist(), names) == ([1, 0, 1], ["False", "True"])
+    assert (codes.tolist(), names) == ([1, 0, 1], ["false", "true"])  # as a CSV spells them

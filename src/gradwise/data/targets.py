@@ -98,9 +98,16 @@ def code_labels(y: np.ndarray, numbers: np.ndarray | None) -> tuple[np.ndarray, 
     if numbers is not None:
         classes, codes = np.unique(numbers, return_inverse=True)
         return codes.astype(np.int64), [_number_name(v) for v in classes]
-    labels = np.array([str(v) for v in y.tolist()], dtype=object)
+    labels = np.array([_label(v) for v in y.tolist()], dtype=object)
     classes, codes = np.unique(labels, return_inverse=True)
     return codes.astype(np.int64), [str(c) for c in classes]
+
+
+def _label(value: object) -> str:
+    # A JSON or Parquet boolean is named as a CSV spells it, so a run trained on one format scores the other.
+    if isinstance(value, bool | np.bool_):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _number_name(value: float) -> str:
