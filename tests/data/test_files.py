@@ -87,6 +87,8 @@ def test_npz_matrix_contributes_all_its_columns_and_images_keep_their_shape(tmp_
     data = load_dataset(whole(tmp_path / "img.npz", target="label"), "auto", seed=0)
     assert data.info.image_shape == (2, 4, 5) and data.info.n_features == 40
     assert torch.equal(data.train.x, torch.tensor(pictures.reshape(12, 40), dtype=torch.float32))
+    with pytest.raises(ConfigError, match=r"data\.numeric_transform=quantile maps a table's numeric columns; .*NPZ"):
+        load_dataset(whole(tmp_path / "m.npz", target="y", numeric_transform="quantile"), "auto", seed=0)
 
 
 def test_limit_keeps_the_first_rows(tmp_path: Path):
@@ -202,7 +204,8 @@ def test_empty_cell_in_a_feature_is_imputed_and_a_row_without_target_is_left_out
     assert data.info.feature_names == ["age", "age.missing"]
     assert data.train.x.tolist() == [[1.0, 0.0], [2.0, 1.0], [3.0, 0.0]]  # the median of 1 and 3
     path = csv_file(tmp_path, "age,y\n1,0\n2,1\n3,\n4,0\n")
-    with pytest.warns(GradwiseWarning, match=r"1 rows have no value in the target 'y' \(the first: row 3 \(line 4\)\)"):
+    one_gap = r"1 row has no value in the target 'y' \(row 3 \(line 4\)\); it is left out"
+    with pytest.warns(GradwiseWarning, match=one_gap):
         data = load_dataset(whole(path, target="y"), "auto", seed=0)
     assert data.train.x[:, 0].tolist() == [1.0, 2.0, 4.0]
 
@@ -214,7 +217,8 @@ def test_nan_in_a_feature_is_imputed_and_a_row_without_target_is_left_out(tmp_pa
     assert data.train.x[:, 0].tolist() == [1.0, 2.0, 2.0, 4.0] and data.train.x[:, 1].tolist() == [0, 0, 1, 0]
     frame = pd.DataFrame({"age": [1.0, 2.0, 3.0, 4.0], "y": [0.5, np.nan, 2.5, 3.5]})
     where = {"parquet": "row 2", "jsonl": "row 2 (line 2)", "npz": "index 1"}[fmt]
-    with pytest.warns(GradwiseWarning, match=rf"the first: {re.escape(where)}\); they are left out"):
+    one_gap = rf"1 row has no value in the target 'y' \({re.escape(where)}\); it is left out"
+    with pytest.warns(GradwiseWarning, match=one_gap):
         data = load_dataset(whole(write(frame, tmp_path / f"d.{fmt}"), target="y"), "auto", seed=0)
     assert data.train.y.ravel().tolist() == [0.5, 2.5, 3.5]
 

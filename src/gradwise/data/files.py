@@ -76,9 +76,13 @@ class FileColumns:
         if not missing.any():
             return self
         kept = np.flatnonzero(~missing)
+        gaps = int(missing.sum())
+        rows = "1 row has" if gaps == 1 else f"{gaps} rows have"
+        first = "" if gaps == 1 else "the first: "
         warnings.warn(
-            f"{self.table.source}: {int(missing.sum())} rows have no value in the target {self.target!r} "
-            f"(the first: {self.table.locate(int(np.flatnonzero(missing)[0]))}); they are left out",
+            f"{self.table.source}: {rows} no value in the target {self.target!r} "
+            f"({first}{self.table.locate(int(np.flatnonzero(missing)[0]))}); "
+            f"{'it is' if gaps == 1 else 'they are'} left out",
             GradwiseWarning,
             stacklevel=2,
         )
