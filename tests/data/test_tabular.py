@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.impute import SimpleImputer
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import OneHotEncoder, QuantileTransformer, StandardScaler
 
 from gradwise.config import DataConfig
 from gradwise.data import tabular
@@ -97,6 +97,48 @@ def test_numeric_column_equals_simple_imputer_then_standard_scaler(messy_csv: Pa
     expected = np.column_stack([StandardScaler().fit_transform(imputed[:, :1]), imputed[:, 1]])
     at = [data.info.feature_names.index("size"), data.info.feature_names.index("size.missing")]
     np.testing.assert_allclose(data.train.x["features"][:, at].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_quantile_transform_equals_quantile_transformer_on_the_training_values(messy_csv: Path, tmp_path: Path):
+    data = load_dataset(config(messy_csv, numeric_transform="quantile"), "auto", seed=0)
+    train = training_rows(messy_csv, data)
+    frame = pd.read_csv(messy_csv)
+    size = frame[["size"]].to_numpy()
+    # Fitted on the values present (QuantileTransformer skips NaN), applied to the imputed column.
+    reference = QuantileTransformer(n_quantiles=1000, output_distribution="normal", subsample=None)
+    reference.fit(size[train])
+    imputed = SimpleImputer(strategy="median").fit(size[train]).transform(size)
+    expected = reference.transform(imputed)[:, 0]
+    at = data.info.feature_names.index("size")
+    np.testing.assert_allclose(data.train.x["features"][:, at].numpy(), expected[train], rtol=1e-6, atol=1e-6)
+    # Rows beyond the training range, and between its quantiles, as predict sees them.
+    new = frame.head(4).copy()
+    new["size"] = [-100.0, 100.0, 10.123, None]
+    new.to_csv(tmp_path / "new.csv", index=False)
+    inputs, _ = tabular.table_inputs(data.info, read_table(tmp_path / "new.csv", "csv"))
+    np.testing.assert_allclose(
+        inputs["features"][:, at].numpy(),
+        reference.transform(SimpleImputer(strategy="median").fit(size[train]).transform(new[["size"]]))[:, 0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # The column table a run prints says which map a number took.
+    shown = {line.split()[0]: line for line in tabular.describe(data.info).splitlines()}
+    assert "quantiles -> normal" in shown["size"]
+
+
+def test_a_numeric_column_of_few_values_is_standardized_under_the_quantile_transform(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"rooms": rng.integers(1, 5, 200), "area": rng.lognormal(3, 1, 200)})
+    frame["label"] = np.where(frame["area"] > 20, "big", "small")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    data = load_dataset(config(tmp_path / "t.csv", numeric_transform="quantile"), "auto", seed=0)
+    record = {col["name"]: col for col in data.info.preprocessing["columns"]}
+    assert "quantiles" not in record["rooms"] and "quantiles" in record["area"]
+    rooms = data.train.x[:, data.info.feature_names.index("rooms")].numpy()
+    assert abs(rooms.mean()) < 1e-5 and abs(rooms.std() - 1) < 1e-2
+    area = data.train.x[:, data.info.feature_names.index("area")].numpy()
+    assert abs(float(np.median(area))) < 0.05 and area.max() < 5.3  # a normal's median and its clipped tail
 
 
 def test_mean_imputation_without_indicator(messy_csv: Path):

@@ -264,6 +264,8 @@ def test_variants_of_a_model_with_category_embeddings(shop, tmp_path: Path, caps
         (lambda p: p["columns"][1].update(kind="colour"), "column entry"),
         (lambda p: p["columns"][1].update(fill="purple"), "fill 'purple' is not one of its categories"),
         (lambda p: p["columns"][3]["parts"].append("hour2"), "column 'day': parts"),
+        (lambda p: p["columns"][0].update(quantiles=[2.0, 1.0]), "column 'size': quantiles are not increasing"),
+        (lambda p: p["columns"][0].update(quantiles="x"), "column 'size': quantiles are not increasing"),
     ],
 )
 def test_a_damaged_preprocessing_record_is_one_line(shop, tmp_path: Path, capsys, damage, said):

@@ -51,6 +51,11 @@ def load_file_dataset(cfg: FileData, task_kind: TaskKindSetting, seed: int, toke
         return build_text_dataset(cfg, task_kind, seed, tokenizer_dir)
     picked = select_columns(cfg, read_file(cfg))
     if picked.is_array_block():
+        if cfg.numeric_transform != "standard":
+            raise ConfigError(
+                f"data.numeric_transform={cfg.numeric_transform} maps a table's numeric columns; {cfg.path} holds "
+                "an array (NPZ), whose features are standardized (data.standardize)"
+            )
         return _tabular(numeric_raw(picked, cfg), cfg, task_kind, seed)
     return _table(picked, cfg, task_kind, seed, cfg.path.name)
 
@@ -114,7 +119,9 @@ def _table(picked: FileColumns, cfg: TableData, task_kind: TaskKindSetting, seed
     columns = {name: picked.values(name) for name in picked.features if name in kinds}
     if not columns:
         raise DataError(f"{table.source}: no feature columns left (all were left out: {', '.join(why)})")
-    settings = tabular.Settings(cfg.standardize, cfg.impute, cfg.missing_indicator, cfg.one_hot_max)
+    settings = tabular.Settings(
+        cfg.standardize, cfg.impute, cfg.missing_indicator, cfg.one_hot_max, cfg.numeric_transform
+    )
     record = tabular.fit(columns, kinds, train, settings, table.source, picked.locate)
     for col in record["columns"]:
         col["why"] = why[col["name"]]  # for the column table a run prints and keeps

@@ -164,8 +164,9 @@ class TableData(TabularData):
     Each feature column's kind (numeric, categorical, boolean, datetime, text, id) is detected and can be
     set in ``columns`` (``{name: kind}``; text and id columns are left out). Missing numbers are imputed
     with the training ``impute`` statistic and, with ``missing_indicator``, flagged in a 0/1 column;
-    categoricals with at most ``one_hot_max`` categories are one-hot, larger ones learned embeddings
-    (see ``gradwise.data.tabular``)."""
+    categoricals with at most ``one_hot_max`` categories are one-hot, larger ones learned embeddings.
+    Numbers are standardized, or with ``numeric_transform: quantile`` mapped through their training
+    quantiles onto a normal (see ``gradwise.data.tabular``)."""
 
     target: str | None = None
     exclude: list[str] = []
@@ -173,6 +174,7 @@ class TableData(TabularData):
     impute: Literal["median", "mean"] = "median"
     missing_indicator: bool = True
     one_hot_max: Annotated[int, Field(ge=0)] = 16
+    numeric_transform: Literal["standard", "quantile"] = "standard"
 
 
 class FileData(TextData, TableData):

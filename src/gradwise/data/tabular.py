@@ -5,7 +5,11 @@ Each feature column has a kind (:mod:`gradwise.data.columns`) that says how it b
 - numeric: a missing cell is imputed with the training rows' median (or mean), and a 0/1 column
   ``name.missing`` records that it was, when the training rows had any missing cell (scikit-learn's
   ``SimpleImputer(add_indicator=True)``); then standardized with the training mean and standard
-  deviation (``StandardScaler``), if ``data.standardize``.
+  deviation (``StandardScaler``), if ``data.standardize``. With ``data.numeric_transform=quantile``, a
+  column of more than ``QUANTILE_MIN_DISTINCT`` different training values is instead mapped through its
+  training quantiles onto a standard normal (``QuantileTransformer(output_distribution="normal")``),
+  which tames long tails and outliers for an MLP (Gorishniy et al. 2021, "Revisiting Deep Learning
+  Models for Tabular Data", preprocess numbers this way); a column of few values is standardized.
 - boolean: 1/0; a missing cell takes the most frequent training value, plus the indicator.
 - categorical: the training rows' categories in sorted order (``OneHotEncoder``); up to
   ``data.one_hot_max`` of them, one 0/1 column each; above it, an integer id per row for a learned
@@ -23,6 +27,7 @@ what training fitted; nothing is pickled.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -52,6 +57,12 @@ RECORD_VERSION = 1
 _MAX_DATE_GAP_TOKENS = 5
 _MAX_DATE_GAP_SHARE = 0.05
 _DATE_PARTS = ("days", "month", "weekday", "hour")
+# The quantile map: at most this many quantiles, over columns of more than this many distinct values (a
+# column of few values, a flag or a small count, would have whole blocks of rows sent to the tails).
+QUANTILE_COUNT = 1000
+QUANTILE_MIN_DISTINCT = 10
+# scikit-learn's margin at the ends of the quantile range: the normal's tails are clipped at ±5.2.
+_QUANTILE_BOUND = 1e-7
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class Settings:
     impute: str = "median"  # numeric columns: "median" or "mean"
     missing_indicator: bool = True
     one_hot_max: int = 16
+    numeric_transform: str = "standard"  # numeric columns: "standard" or "quantile"
 
 
 @dataclass(frozen=True)
@@ -182,11 +194,21 @@ def check_record(record: Any, source: str) -> None:
             raise bad(f"column {col['name']!r}: gaps")
         if col["kind"] in ("numeric", "boolean") and not math.isfinite(col["fill"]):
             raise bad(f"column {col['name']!r}: fill {col['fill']!r}")
+        if "quantiles" in col and not _increasing_numbers(col["quantiles"]):
+            raise bad(f"column {col['name']!r}: quantiles are not increasing numbers")
     width = len(feature_names(record))
     for key in ("mean", "scale"):
         values = record.get(key)
         if not isinstance(values, list) or len(values) != width or not all(isinstance(v, int | float) for v in values):
             raise bad(f"{key} does not hold {width} numbers")
+
+
+def _increasing_numbers(values: Any) -> bool:
+    if not isinstance(values, list) or not values:
+        return False
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    return all(a <= b for a, b in itertools.pairwise(values))
 
 
 def feature_names(record: Mapping[str, Any]) -> list[str]:
@@ -213,7 +235,11 @@ def describe(info: DataInfo) -> str:
         elif kind == "datetime":
             made = ", ".join(col["parts"])
         else:
-            made = "0/1" if kind == "boolean" else "standardized" if record["standardize"] else "as is"
+            made = (
+                "0/1" if kind == "boolean"
+                else "quantiles -> normal" if "quantiles" in col
+                else "standardized" if record["standardize"] else "as is"
+            )  # fmt: skip
         if col["indicator"]:
             made += f"; missing -> {_show_fill(col['fill'])} + indicator"
         rows.append((name, kind, f"{made}  ({col['why']})" if col.get("why") else made))
@@ -293,6 +319,8 @@ def _fit_column(
             raise DataError(f"{source}: column {name!r} has no numbers in the training rows; exclude it (data.exclude)")
         col["fill"] = float(np.median(seen) if settings.impute == "median" else np.mean(seen))
         col["indicator"] = settings.missing_indicator and bool(np.isnan(x[train]).any())
+        if settings.numeric_transform == "quantile" and len(np.unique(seen)) > QUANTILE_MIN_DISTINCT:
+            col["quantiles"] = _fit_quantiles(seen, n_rows=len(train))
     elif kind == "boolean":
         x = _boolean(name, values, source, locate)
         seen = x[train][~np.isnan(x[train])]
@@ -338,7 +366,7 @@ def _output_names(col: Mapping[str, Any]) -> list[str]:
 
 def _scaled_outputs(col: Mapping[str, Any]) -> list[bool]:
     """Which of a column's outputs are standardized: numbers are; 0/1 columns (one-hot, flags) are not."""
-    numeric = col["kind"] in ("numeric", "datetime")
+    numeric = col["kind"] in ("numeric", "datetime") and "quantiles" not in col  # quantiles: already N(0, 1)
     values = len(_output_names(col)) - int(col["indicator"])
     return [numeric] * values + ([False] if col["indicator"] else [])
 
@@ -392,7 +420,10 @@ def _encode_column(
     if kind == "numeric":
         x = _numeric(name, values, source, locate)
         missing = np.isnan(x)
-        return np.where(missing, col["fill"], x)[:, None], missing
+        filled = np.where(missing, col["fill"], x)
+        if "quantiles" in col:
+            filled = _to_normal(filled, np.asarray(col["quantiles"], dtype=np.float64))
+        return filled[:, None], missing
     if kind == "boolean":
         x = _boolean(name, values, source, locate)
         missing = np.isnan(x)
@@ -416,6 +447,34 @@ def _encode_column(
     one_hot = np.zeros((len(cells), len(index) + 1))
     one_hot[np.arange(len(cells)), codes] = 1.0
     return one_hot[:, 1:], missing  # column 0 is the unknown bucket: all zeros, as handle_unknown="ignore"
+
+
+def _fit_quantiles(seen: np.ndarray, n_rows: int) -> list[float]:
+    """The training values' quantiles at evenly spaced levels, as ``QuantileTransformer`` fits them.
+
+    ``n_rows`` counts the training rows, gaps included: scikit-learn sizes the grid by them and takes
+    the percentiles of the values present.
+    """
+    levels = np.linspace(0.0, 100.0, max(1, min(QUANTILE_COUNT, n_rows)))
+    return np.maximum.accumulate(np.percentile(seen, levels)).tolist()  # increasing, as np.interp needs
+
+
+def _to_normal(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """Values mapped through the training quantiles onto a standard normal, as scikit-learn's
+    ``QuantileTransformer(output_distribution="normal")`` does (its ``_transform_col``).
+
+    A value is placed by interpolating between the quantiles, once forwards and once backwards, and the
+    two averaged, so a value repeated over several quantiles lands in the middle of them. Values at or
+    beyond the training extremes go to the ends, which the normal's inverse clips at about ±5.2.
+    """
+    from scipy.special import ndtri  # the inverse normal CDF; scipy comes with scikit-learn
+
+    levels = np.linspace(0.0, 1.0, len(quantiles))
+    position = 0.5 * (np.interp(x, quantiles, levels) - np.interp(-x, -quantiles[::-1], -levels[::-1]))
+    position[x + _QUANTILE_BOUND > quantiles[-1]] = 1.0
+    position[x - _QUANTILE_BOUND < quantiles[0]] = 0.0
+    edge = _QUANTILE_BOUND - np.spacing(1)
+    return np.clip(ndtri(position), ndtri(edge), ndtri(1 - edge))
 
 
 def _numeric(name: str, values: np.ndarray, source: str, locate: Callable[[int], str]) -> np.ndarray:
